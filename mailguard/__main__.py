@@ -1,0 +1,5 @@
+import sys
+
+from mailguard.cli import main
+
+sys.exit(main())
