@@ -1,0 +1,5 @@
+"""Relay stage: the aiosmtplib client to the upstream MTA (connection pool, timeouts)."""
+
+from mailguard.relay.base import Transport
+
+__all__ = ["Transport"]
