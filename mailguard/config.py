@@ -1,0 +1,291 @@
+"""Service configuration: one TOML file (listen, upstream, store, web, notify, log), validated.
+
+A bad file is refused as `FILE:LINE: section.key: what is wrong` (ConfigError), never a traceback.
+Command-line overrides are applied with `dataclasses.replace` by the CLI after loading.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from mailguard.errors import ConfigError
+
+HostPort = tuple[str, int]
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_hostport(value: str, *, default_port: int | None = None) -> HostPort:
+    """'127.0.0.1:10025', '[::1]:10025', 'localhost:25' → (host, port)."""
+    v = value.strip()
+    m = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?", v) or re.fullmatch(r"([^:\s]*):(\d+)", v)
+    if m:
+        host, port = m.group(1), m.group(2)
+    elif default_port is not None and v and ":" not in v:
+        host, port = v, str(default_port)
+    else:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    if port is None:
+        if default_port is None:
+            raise ValueError(f"expected HOST:PORT, got {value!r}")
+        port = str(default_port)
+    p = int(port)
+    if not 0 <= p <= 65535:
+        raise ValueError(f"port out of range in {value!r}")
+    return host or "127.0.0.1", p
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from 1048576, "10MiB", "10M", "512KB"; binary multiples (mail admins mean MiB)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 10MiB")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("size must not be negative")
+        return value
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ValueError(f"expected a size such as 10MiB, got {value!r}")
+    mult = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[(m.group(2) or "")[:1].upper()]
+    return int(m.group(1)) * mult
+
+
+def parse_duration(value: int | float | str) -> float:
+    """Seconds from 30, "30s", "5m", "2h", "1d", "250ms"."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("duration must not be negative")
+        return float(value)
+    m = _DURATION.match(str(value))
+    if not m:
+        raise ValueError(f"expected a duration such as 30s, 5m, 2h, got {value!r}")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpConfig:
+    listen: HostPort = ("127.0.0.1", 10025)
+    hostname: str = ""  # EHLO name; "" = the machine's FQDN
+    # No open relay: only these client networks may connect.
+    allowed_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    max_message_size: int = 50 << 20  # 552 above it; 0 = no limit
+    spool_threshold: int = 8 << 20  # DATA above this goes to a temp file, not RAM
+    spool_dir: str = ""  # "" = the system temp dir
+    max_recipients: int = 1000
+    timeout: float = 300.0  # idle client, as Postfix's smtpd_timeout
+    xforward: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    address: HostPort = ("127.0.0.1", 10026)
+    connect_timeout: float = 10.0
+    command_timeout: float = 60.0  # per SMTP command
+    data_timeout: float = 300.0  # the final "." of a large message
+    pool_size: int = 64  # idle connections kept
+    idle_timeout: float = 30.0  # close pooled connections idle longer than this
+    max_uses: int = 1000  # messages per connection before it is renewed
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    file: str = ""  # "" = the shipped policies/default.toml
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    path: Path = Path("var/mailguard.db")
+
+
+@dataclass(frozen=True, slots=True)
+class WebConfig:
+    listen: HostPort = ("127.0.0.1", 8025)
+    enabled: bool = True
+    public_url: str = ""  # base of links in notices; "" = http://<listen>
+    admin_token: str = ""  # "" = admin API disabled
+    secret: str = ""  # CSRF/HMAC key; "" = random per start (pages outlive no restart)
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyConfig:
+    sender: str = "mailguard@localhost"  # From of the guard's own notices
+    charset: str = "utf-8"  # or "iso-2022-jp"
+    lang: str = "ja"  # default language of notices: ja, en, or "ja+en" (both)
+    templates: str = ""  # a directory overriding the shipped templates
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    enabled: bool = False
+    nameservers: tuple[str, ...] = ()  # "" = the system resolver
+    port: int = 53
+    timeout: float = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "info"
+    json: bool = False
+    log_addresses: bool = False  # addresses in log lines only when the admin enables it
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    web: WebConfig = field(default_factory=WebConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str = ""  # the file it came from, for messages
+
+
+# How each key is converted; anything not listed takes the field's own type.
+_CONVERT: dict[tuple[str, str], Any] = {
+    ("smtp", "listen"): parse_hostport,
+    ("upstream", "address"): parse_hostport,
+    ("web", "listen"): parse_hostport,
+    ("smtp", "max_message_size"): parse_size,
+    ("smtp", "spool_threshold"): parse_size,
+    ("smtp", "timeout"): parse_duration,
+    ("upstream", "connect_timeout"): parse_duration,
+    ("upstream", "command_timeout"): parse_duration,
+    ("upstream", "data_timeout"): parse_duration,
+    ("upstream", "idle_timeout"): parse_duration,
+    ("dns", "timeout"): parse_duration,
+    ("store", "path"): Path,
+}
+_SECTIONS = {f.name: f for f in fields(Config) if f.name != "source"}
+_CHOICES = {
+    ("notify", "charset"): ("utf-8", "iso-2022-jp"),
+    ("notify", "lang"): ("ja", "en", "ja+en"),
+    ("log", "level"): ("debug", "info", "warning", "error"),
+}
+
+
+def key_line(text: str, section: str, key: str | None = None) -> int | None:
+    """Line number of `[section]` (or of `key` inside it) in TOML text, for error messages."""
+    in_section = False
+    for no, line in enumerate(text.splitlines(), 1):
+        s = line.strip()
+        if s.startswith("["):
+            in_section = s.strip("[] ").split("#")[0].strip() == section
+            if in_section and key is None:
+                return no
+            continue
+        if in_section and key and re.match(rf"{re.escape(key)}\s*=", s):
+            return no
+    return None
+
+
+def _convert(section: str, key: str, value: Any, default: Any) -> Any:
+    conv = _CONVERT.get((section, key))
+    if conv is not None:
+        if conv is Path:
+            if not isinstance(value, str):
+                raise ValueError("expected a path string")
+            return Path(value)
+        return conv(value)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"expected a non-negative integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        return parse_duration(value)
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError("expected a list of strings")
+        return tuple(value)
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    choices = _CHOICES.get((section, key))
+    if choices and value not in choices:
+        raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def from_dict(data: dict[str, Any], *, source: str = "", text: str = "") -> Config:
+    sections: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in _SECTIONS:
+            raise ConfigError(
+                f"unknown section (expected {', '.join(_SECTIONS)})",
+                file=source,
+                line=key_line(text, name),
+                key=name,
+            )
+        if not isinstance(value, dict):
+            raise ConfigError("expected a table", file=source, key=name)
+        cls = _SECTIONS[name].default_factory  # type: ignore[misc]
+        defaults = cls()
+        known = {f.name: getattr(defaults, f.name) for f in fields(defaults)}
+        kwargs: dict[str, Any] = {}
+        for key, v in value.items():
+            if key not in known:
+                raise ConfigError(
+                    f"unknown key (expected {', '.join(known)})",
+                    file=source,
+                    line=key_line(text, name, key),
+                    key=f"{name}.{key}",
+                )
+            try:
+                kwargs[key] = _convert(name, key, v, known[key])
+            except ValueError as e:
+                raise ConfigError(
+                    str(e), file=source, line=key_line(text, name, key), key=f"{name}.{key}"
+                ) from None
+        sections[name] = cls(**kwargs)
+    cfg = Config(**sections, source=source)
+    _validate(cfg, source, text)
+    return cfg
+
+
+def _validate(cfg: Config, source: str, text: str) -> None:
+    for net in cfg.smtp.allowed_networks:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"not an IP network: {net!r}",
+                file=source,
+                line=key_line(text, "smtp", "allowed_networks"),
+                key="smtp.allowed_networks",
+            ) from None
+    if cfg.upstream.pool_size > 10000:
+        raise ConfigError("pool_size above 10000", file=source, key="upstream.pool_size")
+
+
+def load(path: str | Path | None) -> Config:
+    """Read and validate a config file; None = built-in defaults."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror or e}", file=str(p)) from None
+    except UnicodeDecodeError:
+        raise ConfigError("not UTF-8 text", file=str(p)) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"\(at line (\d+), column (\d+)\)", str(e))
+        msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(e))
+        line = int(m[1]) if m else None
+        raise ConfigError(f"TOML syntax: {msg}", file=str(p), line=line) from None
+    return from_dict(data, source=str(p), text=text)
