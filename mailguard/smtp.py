@@ -110,6 +110,19 @@ class GuardSMTP(SMTP):
         self._xforward: dict[str, str] = {}
 
     # -- connection -----------------------------------------------------------------------
+    on_connection: Callable[[GuardSMTP, bool], None] | None = None  # the server's tracker
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        super().connection_made(transport)
+        if first and self.on_connection is not None:
+            self.on_connection(self, True)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        super().connection_lost(error)
+        if self.on_connection is not None:
+            self.on_connection(self, False)
+
     async def _handle_client(self) -> None:
         assert self.session is not None
         if not self.networks.allows(self.session.peer):

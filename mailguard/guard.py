@@ -1,0 +1,162 @@
+"""The guard: one message through parse → checks → policy → action, answered with one SMTP reply.
+
+This is where the never-lose-mail rule is enforced for the in-transaction path:
+
+* pass (and bcc/zip rewrites): relayed inside the SMTP transaction, the client gets the upstream's
+  answer (4xx when the upstream is down: Postfix keeps the mail and retries);
+* hold / confirm / approve: stored durably (fsync) by the keeper before we answer 250;
+* reject: 5xx with the policy's human reason (Postfix bounces it to the sender);
+* anything unexpected: 451, logged with Postfix's queue id, the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from mailguard.envelope import TEMPFAIL, Envelope, Reply
+from mailguard.policy.decision import Decision, Gate
+
+if TYPE_CHECKING:
+    from mailguard.message import MessageView
+    from mailguard.smtp import Incoming
+
+log = logging.getLogger("mailguard.guard")
+
+
+class Sender(Protocol):
+    async def send(self, env: Envelope, raw: bytes, *, wire: bytes | None = None) -> Reply: ...
+
+
+class Keeper(Protocol):
+    """The durable side (queue): returns 250 only after the message is committed."""
+
+    async def keep(
+        self, env: Envelope, raw: bytes, decision: Decision, summary: dict[str, Any]
+    ) -> Reply: ...
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened to one message: for the log line and the metrics."""
+
+    reply: Reply
+    decision: Decision | None
+    view: MessageView | None
+    stages: dict[str, float]
+    error: str = ""
+
+
+Analyzer = Callable[["MessageView"], Awaitable[Decision]]
+ViewParser = Callable[[Any, Envelope], "MessageView"]
+Observer = Callable[[Envelope, Outcome], None]
+
+
+class Guard:
+    def __init__(
+        self,
+        transport: Sender,
+        *,
+        parse: ViewParser,
+        analyze: Analyzer,
+        keeper: Keeper | None = None,
+        rewrite: Callable[[bytes, MessageView, Decision], Awaitable[tuple[bytes, Any]]]
+        | None = None,
+        observe: Observer | None = None,
+    ) -> None:
+        self.transport = transport
+        self.parse = parse
+        self.analyze = analyze
+        self.keeper = keeper
+        self.rewrite = rewrite
+        self.observe = observe
+        self.in_flight = 0
+
+    async def process(self, env: Envelope, msg: Incoming) -> Reply:
+        self.in_flight += 1
+        stages: dict[str, float] = {}
+        view = decision = None
+        error = ""
+        try:
+            t = time.perf_counter()
+            view = self.parse(msg.content, env)
+            stages["parse"] = time.perf_counter() - t
+            t = time.perf_counter()
+            decision = await self.analyze(view)
+            stages["checks"] = time.perf_counter() - t
+            reply = await self._act(env, msg, view, decision, stages)
+        except Exception as e:
+            log.exception("%s: internal error, answering 451", env.queue_id)
+            reply = TEMPFAIL
+            error = f"{type(e).__name__}: {e}"
+        finally:
+            self.in_flight -= 1
+        if self.observe is not None:
+            try:
+                self.observe(env, Outcome(reply, decision, view, stages, error))
+            except Exception:
+                log.exception("%s: observer failed (message already answered)", env.queue_id)
+        return reply
+
+    async def _act(
+        self,
+        env: Envelope,
+        msg: Incoming,
+        view: MessageView,
+        decision: Decision,
+        stages: dict[str, float],
+    ) -> Reply:
+        if decision.gate is Gate.REJECT:
+            text = decision.reject_message or "message refused by policy"
+            return Reply(550, f"5.7.1 MailGuard: {text}")
+        raw: Any = msg.content
+        wire = msg.wire
+        if decision.transforms:
+            if self.rewrite is None:
+                # never 250-and-drop: without the rewrite stage the message waits at Postfix
+                log.warning(
+                    "%s: policy asks for %s but rewrites are not enabled: 451",
+                    env.queue_id,
+                    ",".join(decision.transforms),
+                )
+                return Reply(451, "4.3.0 MailGuard: rewrite not available, try again later")
+            t = time.perf_counter()
+            raw, _ = await self.rewrite(bytes(raw), view, decision)
+            stages["rewrite"] = time.perf_counter() - t
+            wire = None
+        if decision.gate in (Gate.HOLD, Gate.CONFIRM, Gate.APPROVE):
+            if self.keeper is None:
+                log.warning(
+                    "%s: %s asked but no queue configured: 451", env.queue_id, decision.action
+                )
+                return Reply(451, "4.3.0 MailGuard: queue not available, try again later")
+            t = time.perf_counter()
+            reply = await self.keeper.keep(env, bytes(raw), decision, summarize(view, decision))
+            stages["store"] = time.perf_counter() - t
+            return reply
+        t = time.perf_counter()
+        reply = await self.transport.send(env, raw, wire=wire)
+        stages["relay"] = time.perf_counter() - t
+        return reply
+
+
+def summarize(view: MessageView, decision: Decision) -> dict[str, Any]:
+    """What the confirm page may show: addresses, subject, file names and sizes, findings."""
+    return {
+        "subject": view.subject,
+        "from": [a.addr for a in view.from_],
+        "to": [a.addr for a in view.to],
+        "cc": [a.addr for a in view.cc],
+        "attachments": [
+            {"filename": p.filename, "size": p.encoded_size, "content_type": p.content_type}
+            for p in view.attachments
+        ],
+        "findings": [
+            {"code": f.code, "reason_en": f.reason_en, "reason_ja": f.reason_ja}
+            for f in decision.findings
+        ],
+        "rules": list(decision.rules),
+    }
