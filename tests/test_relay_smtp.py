@@ -1,0 +1,398 @@
+"""The pass-through relay, driven for real: SMTP client → MailGuard → SMTP sink, over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import smtplib
+from typing import Any
+
+import aiosmtplib
+import pytest
+from conftest import Sink, guard_config, port_of, serve_sink
+
+from mailguard.envelope import Envelope, Reply
+from mailguard.relay.smtp import SmtpTransport
+
+SEND = {"sender": "a@example.co.jp", "recipients": ["b@partner.co.jp"], "hostname": "127.0.0.1"}
+
+
+def msg(body: bytes = b"body\r\n", headers: bytes = b"") -> bytes:
+    return (
+        b"From: a@example.co.jp\r\nTo: b@partner.co.jp\r\nSubject: hi\r\n"
+        + headers
+        + b"Message-ID: <1@example.co.jp>\r\n\r\n"
+        + body
+    )
+
+
+JA_SUBJECT = "見積書の送付".encode()
+CASES = {
+    "plain": msg(),
+    "utf8-header-8bit-body": msg("本文です。\r\n".encode(), b"Subject: " + JA_SUBJECT + b"\r\n"),
+    "iso2022jp": msg(
+        b"\x1b$B$3$s$K$A$O\x1b(B\r\n",
+        b"Subject: =?ISO-2022-JP?B?GyRCOCs3UTxxGyhC?=\r\nContent-Type: text/plain; "
+        b"charset=ISO-2022-JP\r\n",
+    ),
+    "998-octet-lines": msg(b"x" * 998 + b"\r\n" + b"." + b"y" * 997 + b"\r\n"),
+    "dot-lines": msg(b".\r\n..\r\n.leading dot\r\nend\r\n.\r\n"),
+    "starts-with-dot-body": msg(b".\r\n"),
+    "no-final-crlf-body": msg(b"last line"),
+    "empty-body": msg(b""),
+}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("name", list(CASES))
+async def test_bytes_arrive_identical(name: str, sink: Any, guard_factory: Any) -> None:
+    up, up_port = sink
+    guard = await guard_factory(guard_config(up_port))
+    raw = CASES[name]
+    opts = ["SMTPUTF8", "BODY=8BITMIME"] if any(b > 127 for b in raw) else []
+    errors, reply = await aiosmtplib.send(raw, port=guard.port, mail_options=opts, **SEND)
+    assert errors == {}
+    assert "queued as UP1" in reply
+    expected = raw if raw.endswith(b"\r\n") or not raw else raw + b"\r\n"
+    assert up.got == [("a@example.co.jp", ["b@partner.co.jp"], expected)]
+
+
+async def raw_session(port: int, chunks: list[bytes], *, pause: float = 0.0) -> list[bytes]:
+    """Speak SMTP by hand: EHLO/MAIL/RCPT/DATA, then `chunks` written one by one."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    replies: list[bytes] = [await reader.readline()]
+
+    async def cmd(line: bytes) -> bytes:
+        writer.write(line)
+        await writer.drain()
+        out = b""
+        while True:
+            ln = await reader.readline()
+            out += ln
+            if ln[3:4] != b"-":
+                return out
+
+    for line in (b"EHLO c.test\r\n", b"MAIL FROM:<a@example.co.jp>\r\n", b"RCPT TO:<b@x.jp>\r\n"):
+        replies.append(await cmd(line))
+    replies.append(await cmd(b"DATA\r\n"))
+    for c in chunks:
+        writer.write(c)
+        await writer.drain()
+        if pause:
+            await asyncio.sleep(pause)
+    replies.append(await asyncio.wait_for(reader.readline(), 10))
+    replies.append(await cmd(b"QUIT\r\n"))
+    writer.close()
+    return replies
+
+
+@pytest.mark.asyncio
+async def test_terminator_split_across_writes(sink: Any, guard_factory: Any) -> None:
+    up, up_port = sink
+    guard = await guard_factory(guard_config(up_port))
+    body = msg(b"line\r\n..dotted\r\n")
+    wire = body.replace(b"\r\n..dotted", b"\r\n...dotted") + b".\r\n"
+    # every split point inside the last 8 bytes, i.e. across "\r\n.\r\n"
+    for cut in range(len(wire) - 8, len(wire)):
+        replies = await raw_session(guard.port, [wire[:cut], wire[cut:]], pause=0.02)
+        assert replies[-2].startswith(b"250"), (cut, replies)
+    assert all(g[2] == body for g in up.got)
+    assert len(up.got) == 8
+
+
+@pytest.mark.asyncio
+async def test_byte_by_byte_and_empty_message(sink: Any, guard_factory: Any) -> None:
+    up, up_port = sink
+    guard = await guard_factory(guard_config(up_port))
+    wire = b"Subject: x\r\n\r\n..\r\n.\r\n"
+    replies = await raw_session(guard.port, [bytes([b]) for b in wire])
+    assert replies[-2].startswith(b"250")
+    replies = await raw_session(guard.port, [b".\r\n"])  # empty message: terminator at once
+    assert replies[-2].startswith(b"250")
+    replies = await raw_session(guard.port, [b"\r\n.\r\n"])  # one empty line
+    assert replies[-2].startswith(b"250")
+    assert [g[2] for g in up.got] == [b"Subject: x\r\n\r\n.\r\n", b"", b"\r\n"]
+
+
+@pytest.mark.asyncio
+async def test_pipelined_command_after_dot_is_not_swallowed(sink: Any, guard_factory: Any) -> None:
+    up, up_port = sink
+    guard = await guard_factory(guard_config(up_port))
+    reader, writer = await asyncio.open_connection("127.0.0.1", guard.port)
+    writer.write(
+        b"EHLO c\r\nMAIL FROM:<a@x.jp>\r\nRCPT TO:<b@y.jp>\r\nDATA\r\n"
+        b"Subject: p\r\n\r\nhello\r\n.\r\nNOOP\r\nQUIT\r\n"
+    )
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 10)
+    codes = [ln[:3] for ln in data.split(b"\r\n") if ln[3:4] == b" "]
+    assert codes == [b"220", b"250", b"250", b"250", b"354", b"250", b"250", b"221"], data
+    assert up.got[0][2] == b"Subject: p\r\n\r\nhello\r\n"
+
+
+@pytest.mark.asyncio
+async def test_bare_lf_is_normalised_for_upstream(sink: Any, guard_factory: Any) -> None:
+    up, up_port = sink
+    guard = await guard_factory(guard_config(up_port))
+    replies = await raw_session(guard.port, [b"Subject: x\n\nbare\nlf\r\n.\r\n"])
+    assert replies[-2].startswith(b"250")
+    assert up.got[0][2] == b"Subject: x\r\n\r\nbare\r\nlf\r\n"
+
+
+@pytest.mark.asyncio
+async def test_line_too_long_is_refused_after_draining(sink: Any, guard_factory: Any) -> None:
+    up, up_port = sink
+    guard = await guard_factory(guard_config(up_port))
+    replies = await raw_session(guard.port, [b"Subject: x\r\n\r\n" + b"z" * 1001 + b"\r\n.\r\n"])
+    assert replies[-2].startswith(b"500")
+    assert replies[-1].startswith(b"221")  # the session is still in step
+    assert up.got == []
+
+
+@pytest.mark.asyncio
+async def test_oversize_552_by_size_param_and_by_data(sink: Any, guard_factory: Any) -> None:
+    up, up_port = sink
+    guard = await guard_factory(guard_config(up_port, max_message_size=10_000))
+    big = msg(b"x" * 100 + b"\r\n") * 200
+    with pytest.raises(aiosmtplib.SMTPSenderRefused) as e1:  # aiosmtplib sends SIZE=
+        await aiosmtplib.send(big, port=guard.port, **SEND)
+    assert e1.value.code == 552
+    replies = await raw_session(guard.port, [big + b".\r\n"])  # no SIZE: refused after DATA
+    assert replies[-2].startswith(b"552")
+    assert up.got == []
+    await aiosmtplib.send(msg(), port=guard.port, **SEND)  # still serving
+    assert len(up.got) == 1
+
+
+@pytest.mark.asyncio
+async def test_large_message_is_spooled_and_identical(sink: Any, guard_factory: Any) -> None:
+    up, up_port = sink
+    guard = await guard_factory(guard_config(up_port, spool_threshold=64 * 1024))
+    body = b"".join(b".%06d " % i + b"a" * 70 + b"\r\n" for i in range(20000))  # ~1.6 MB
+    raw = msg(body)
+    await aiosmtplib.send(raw, port=guard.port, **SEND)
+    assert up.got[0][2] == raw
+
+
+@pytest.mark.asyncio
+async def test_upstream_refused_connection_answers_451(guard_factory: Any) -> None:
+    from conftest import free_port
+
+    guard = await guard_factory(guard_config(free_port()))
+    with pytest.raises(aiosmtplib.SMTPDataError) as err:
+        await aiosmtplib.send(msg(), port=guard.port, **SEND)
+    assert err.value.code == 451
+
+
+@pytest.mark.asyncio
+async def test_upstream_silent_times_out_451(guard_factory: Any) -> None:
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(30)  # accepts, never greets
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    guard = await guard_factory(guard_config(port_of(server)))
+    loop = asyncio.get_running_loop()
+    t = loop.time()
+    with pytest.raises(aiosmtplib.SMTPDataError) as err:
+        await aiosmtplib.send(msg(), port=guard.port, timeout=20, **SEND)
+    assert err.value.code == 451
+    assert loop.time() - t < 8  # the connect timeout (2 s) bounded it
+    server.close()
+
+
+@pytest.mark.asyncio
+async def test_upstream_closes_mid_session_451(guard_factory: Any) -> None:
+    async def rude(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 rude ESMTP\r\n")
+        await reader.readline()
+        writer.write(b"250 rude\r\n")
+        await reader.readline()
+        writer.close()  # drop at MAIL
+
+    server = await asyncio.start_server(rude, "127.0.0.1", 0)
+    guard = await guard_factory(guard_config(port_of(server)))
+    with pytest.raises(aiosmtplib.SMTPDataError) as err:
+        await aiosmtplib.send(msg(), port=guard.port, **SEND)
+    assert err.value.code == 451
+    server.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("upstream", "code", "text"),
+    [
+        ("554 5.7.1 rejected: spam", 554, "5.7.1 rejected: spam"),
+        ("452 4.3.1 insufficient storage", 451, "4.3.1 insufficient storage"),
+    ],
+)
+async def test_upstream_final_reply_class_is_kept(
+    upstream: str, code: int, text: str, guard_factory: Any
+) -> None:
+    s = Sink(reply=upstream)
+    server = await serve_sink(s)
+    guard = await guard_factory(guard_config(port_of(server)))
+    with pytest.raises(aiosmtplib.SMTPDataError) as err:
+        await aiosmtplib.send(msg(), port=guard.port, **SEND)
+    assert (err.value.code, err.value.message) == (code, text)
+    server.close()
+
+
+@pytest.mark.asyncio
+async def test_partial_recipients_never_vanish(guard_factory: Any) -> None:
+    s = Sink(rcpt_reply={"gone@partner.co.jp": "550 5.1.1 no such user", "busy@x.jp": "450 busy"})
+    server = await serve_sink(s)
+    guard = await guard_factory(guard_config(port_of(server)))
+    with pytest.raises(aiosmtplib.SMTPDataError) as err:
+        await aiosmtplib.send(
+            msg(), port=guard.port, sender="a@example.co.jp",
+            recipients=["ok@partner.co.jp", "gone@partner.co.jp"], hostname="127.0.0.1",
+        )  # fmt: skip
+    assert err.value.code == 550 and "gone@partner.co.jp" in err.value.message
+    with pytest.raises(aiosmtplib.SMTPDataError) as err:
+        await aiosmtplib.send(
+            msg(), port=guard.port, sender="a@example.co.jp",
+            recipients=["ok@partner.co.jp", "gone@partner.co.jp", "busy@x.jp"],
+            hostname="127.0.0.1",
+        )  # fmt: skip
+    assert err.value.code == 451 and "busy@x.jp" in err.value.message
+    assert s.got == []  # nobody got a copy, so the client's retry/bounce covers everyone
+    server.close()
+
+
+@pytest.mark.asyncio
+async def test_handler_exception_answers_451_and_keeps_serving(
+    sink: Any, guard_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from mailguard.policy.decision import PASS
+
+    up, up_port = sink
+
+    async def flaky(view: Any) -> Any:
+        if "boom" in view.subject:
+            raise RuntimeError("injected failure")
+        return PASS
+
+    guard = await guard_factory(guard_config(up_port), flaky)
+    boom = msg().replace(b"Subject: hi", b"Subject: boom")
+    with caplog.at_level(logging.ERROR), pytest.raises(aiosmtplib.SMTPDataError) as err:
+        await aiosmtplib.send(boom, port=guard.port, **SEND)
+    assert err.value.code == 451
+    assert "injected failure" in caplog.text
+    # same connection, next transaction, works
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=guard.port)
+    async with client:
+        with pytest.raises(aiosmtplib.SMTPDataError):
+            await client.sendmail("a@example.co.jp", ["b@partner.co.jp"], boom)
+        await client.sendmail("a@example.co.jp", ["b@partner.co.jp"], msg())
+    assert len(up.got) == 1
+
+
+@pytest.mark.asyncio
+async def test_client_outside_allowed_networks_is_refused(sink: Any, guard_factory: Any) -> None:
+    up, up_port = sink
+    guard = await guard_factory(guard_config(up_port, allowed_networks=("192.0.2.0/24",)))
+    reader, writer = await asyncio.open_connection("127.0.0.1", guard.port)
+    greeting = await reader.readline()
+    assert greeting.startswith(b"554 5.7.1")
+    assert await reader.read() == b""  # closed
+    writer.close()
+    assert up.got == []
+
+
+@pytest.mark.asyncio
+async def test_xforward_is_accepted_logged_and_forwarded(
+    guard_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = Sink()
+    server = await serve_sink(s, xforward=True)
+    guard = await guard_factory(guard_config(port_of(server)))
+    seen: list[Envelope] = []
+    guard.observers.append(lambda env, outcome: seen.append(env))
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=guard.port)
+    async with client:
+        assert client.supports_extension("xforward")
+        r = await client.execute_command(b"XFORWARD", b"NAME=mx.example.co.jp", b"ADDR=192.0.2.7")
+        assert r.code == 250
+        r = await client.execute_command(b"XFORWARD", b"IDENT=4XyZ1Q2w3", b"PROTO=ESMTP")
+        assert r.code == 250
+        await client.sendmail("a@example.co.jp", ["b@partner.co.jp"], msg())
+        await client.sendmail("a@example.co.jp", ["b@partner.co.jp"], msg())  # no XFORWARD
+    assert seen[0].queue_id == "4XyZ1Q2w3" and seen[1].queue_id == "-"
+    assert s.xforward[0] == {
+        "NAME": "mx.example.co.jp", "ADDR": "192.0.2.7", "IDENT": "4XyZ1Q2w3", "PROTO": "ESMTP",
+    }  # fmt: skip
+    assert s.xforward[1] == {}
+    server.close()
+
+
+@pytest.mark.asyncio
+async def test_pool_survives_upstream_closing_idle_connections(guard_factory: Any) -> None:
+    s = Sink()
+    server = await serve_sink(s, idle=0.3)  # the upstream drops connections idle for 0.3 s
+    guard = await guard_factory(guard_config(port_of(server)))
+    for _ in range(3):
+        await aiosmtplib.send(msg(), port=guard.port, **SEND)
+        await asyncio.sleep(0.6)
+    assert len(s.got) == 3
+    server.close()
+
+
+@pytest.mark.asyncio
+async def test_pool_reuses_connections(sink: Any, guard_factory: Any) -> None:
+    up, up_port = sink
+    guard = await guard_factory(guard_config(up_port))
+    for _ in range(20):
+        await aiosmtplib.send(msg(), port=guard.port, **SEND)
+    assert len(up.got) == 20
+    assert guard.transport.open_connections == 1
+
+
+@pytest.mark.asyncio
+async def test_stale_pooled_connection_is_retried(sink: Any) -> None:
+    """The upstream closed an idle pooled connection without us noticing: one retry, no loss."""
+    up, up_port = sink
+    t = SmtpTransport("127.0.0.1", up_port, connect_timeout=2, command_timeout=3)
+    env = Envelope("a@x.jp", ["b@y.jp"])
+    assert (await t.send(env, b"Subject: 1\r\n\r\n")).code == 250
+    conn = t._idle[0]
+    assert conn.smtp.protocol is not None and conn.smtp.protocol.transport is not None
+    # make the socket dead under aiosmtplib's feet without it seeing connection_lost yet
+    sock = conn.smtp.protocol.transport.get_extra_info("socket")
+    import socket as _s
+
+    sock.shutdown(_s.SHUT_RDWR)
+    reply = await t.send(env, b"Subject: 2\r\n\r\n")
+    assert reply.code == 250, reply
+    assert [g[2] for g in up.got] == [b"Subject: 1\r\n\r\n", b"Subject: 2\r\n\r\n"]
+    await t.close()
+
+
+def test_smtplib_client_and_reply_format(thread_sink: Any) -> None:
+    """The stdlib client (what most scripts use) against a server in its own thread."""
+    import threading
+
+    from conftest import pass_all
+
+    from mailguard.server import Server
+
+    loop = asyncio.new_event_loop()
+    srv = Server(guard_config(thread_sink.port), analyzer=pass_all)
+    loop.run_until_complete(srv.start())
+    th = threading.Thread(target=loop.run_forever, daemon=True)
+    th.start()
+    try:
+        with smtplib.SMTP("127.0.0.1", srv.port, timeout=10) as c:
+            c.ehlo("client.test")
+            assert c.has_extn("8bitmime") and c.has_extn("smtputf8") and c.has_extn("size")
+            refused = c.sendmail("a@example.co.jp", ["b@partner.co.jp"], msg())
+            assert refused == {}
+    finally:
+        asyncio.run_coroutine_threadsafe(srv.stop(grace=1), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        th.join(5)
+    assert thread_sink.sink.got[0][2] == msg()
+
+
+def test_reply_multiline_rendering() -> None:
+    assert str(Reply(250, "a\nb")) == "250-a\r\n250 b"
+    assert str(Reply(451, "4.3.0 x")) == "451 4.3.0 x"
