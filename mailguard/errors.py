@@ -1,9 +1,9 @@
 """MailGuard's exception tree.
 
-    MailGuardError
-    ├── ConfigError        a config or policy file is unusable (carries file, line, key)
-    ├── StoreError         the durable store could not commit (→ 451)
-    └── RelayError         the upstream could not take the message (→ 4xx/5xx as answered)
+MailGuardError
+├── ConfigError        a config or policy file is unusable (carries file, line, key)
+├── StoreError         the durable store could not commit (→ 451)
+└── RelayError         the upstream could not take the message (→ 4xx/5xx as answered)
 """
 
 from __future__ import annotations

@@ -84,13 +84,13 @@ class Server:
     def _factory(self) -> GuardSMTP:
         s = self.cfg.smtp
         proto = GuardSMTP(
-            FrontHandler(self._process, max_recipients=s.max_recipients),
+            self._handler,
             networks=self._networks,
             spool_threshold=s.spool_threshold,
             spool_dir=s.spool_dir or None,
             xforward=s.xforward,
             data_size_limit=s.max_message_size or None,
-            hostname=s.hostname or None,
+            hostname=self._hostname,
             ident="MailGuard",
             timeout=s.timeout,
         )
@@ -109,6 +109,8 @@ class Server:
             self.cfg, self._analyzer = self._load()
         assert self._analyzer is not None, "an analyzer or a loader is required"
         self._networks = Networks(self.cfg.smtp.allowed_networks)
+        self._hostname = self.cfg.smtp.hostname or socket.getfqdn()  # aiosmtpd: per connection
+        self._handler = FrontHandler(self._process, max_recipients=self.cfg.smtp.max_recipients)
         self.transport = make_transport(self.cfg)
         self.guard = Guard(
             self.transport, parse=self._parse, analyze=self._analyzer, observe=self._observe
@@ -150,6 +152,8 @@ class Server:
         old_transport, old_cfg = self.transport, self.cfg
         self.cfg = cfg
         self._networks = Networks(cfg.smtp.allowed_networks)
+        self._hostname = cfg.smtp.hostname or socket.getfqdn()
+        self._handler = FrontHandler(self._process, max_recipients=cfg.smtp.max_recipients)
         self._analyzer = analyzer
         assert self.guard is not None
         self.guard.analyze = analyzer

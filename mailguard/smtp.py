@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Session, syntax
+from aiosmtpd.smtp import SMTP, Session, _AuthMechAttr, syntax
 from aiosmtpd.smtp import Envelope as AioEnvelope
 
 from mailguard.envelope import TEMPFAIL, Envelope, Reply
@@ -87,6 +87,20 @@ class Networks:
         return any(ip in n for n in self.nets)
 
 
+# Per-connection state that must not be copied from the template instance.
+_FRESH: dict[str, Any] = {
+    "session": None,
+    "envelope": None,
+    "transport": None,
+    "_handler_coroutine": None,
+    "_timeout_handle": None,
+    "_tls_protocol": None,
+    "_original_transport": None,
+    "_tls_handshake_okay": True,
+}
+_TEMPLATES: dict[Any, dict[str, Any]] = {}
+
+
 class GuardSMTP(SMTP):
     """aiosmtpd SMTP with XFORWARD, network checks and a chunked DATA reader."""
 
@@ -102,12 +116,40 @@ class GuardSMTP(SMTP):
     ) -> None:
         kw.setdefault("enable_SMTPUTF8", True)
         kw.setdefault("decode_data", False)
-        super().__init__(handler, **kw)
+        self._fast_init(handler, kw)
         self.networks = networks
         self.spool_threshold = spool_threshold
         self.spool_dir = spool_dir or None
         self.xforward_enabled = xforward
         self._xforward: dict[str, str] = {}
+
+    def _fast_init(self, handler: Any, kw: dict[str, Any]) -> None:
+        """aiosmtpd's __init__ costs ≈ 1.3 ms (inspect.getmembers over self and the handler, on
+        every connection). The first connection of a (class, handler, options) runs it for real;
+        later ones copy its result and re-bind the per-connection parts."""
+        key = (type(self), id(handler), tuple(sorted(kw.items(), key=lambda kv: kv[0])))
+        tpl = _TEMPLATES.get(key)
+        if tpl is None:
+            super().__init__(handler, **kw)
+            bare = asyncio.StreamReaderProtocol(
+                asyncio.StreamReader(loop=self.loop), lambda r, w: None, loop=self.loop
+            )
+            _TEMPLATES[key] = {k: v for k, v in vars(self).items() if k not in vars(bare)}
+            return
+        loop = tpl["loop"]
+        asyncio.StreamReaderProtocol.__init__(
+            self,
+            asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected,
+            loop=loop,
+        )
+        vars(self).update(tpl)
+        vars(self).update(_FRESH)
+        self._smtp_methods = {k: getattr(self, "smtp_" + k) for k in tpl["_smtp_methods"]}
+        self._auth_methods = {
+            k: _AuthMechAttr(getattr(self, v.method.__name__), True) if v.is_builtin else v
+            for k, v in tpl["_auth_methods"].items()
+        }
 
     # -- connection -----------------------------------------------------------------------
     on_connection: Callable[[GuardSMTP, bool], None] | None = None  # the server's tracker

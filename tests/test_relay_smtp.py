@@ -396,3 +396,17 @@ def test_smtplib_client_and_reply_format(thread_sink: Any) -> None:
 def test_reply_multiline_rendering() -> None:
     assert str(Reply(250, "a\nb")) == "250-a\r\n250 b"
     assert str(Reply(451, "4.3.0 x")) == "451 4.3.0 x"
+
+
+@pytest.mark.asyncio
+async def test_fast_protocol_init_matches_aiosmtpd_init() -> None:
+    """The copied-template path must build the same per-connection state as aiosmtpd does."""
+    from mailguard.smtp import FrontHandler, GuardSMTP, Networks
+
+    handler = FrontHandler(lambda e, m: None)  # type: ignore[arg-type,return-value]
+    kw = {"networks": Networks(["127.0.0.0/8"]), "hostname": "h.test"}
+    first, second = GuardSMTP(handler, **kw), GuardSMTP(handler, **kw)  # type: ignore[arg-type]
+    assert sorted(vars(first)) == sorted(vars(second))
+    assert all(m.__self__ is second for m in second._smtp_methods.values())
+    assert second._stream_reader is not first._stream_reader
+    assert second._handle_hooks.keys() == first._handle_hooks.keys()

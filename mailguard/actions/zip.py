@@ -1,0 +1,433 @@
+"""Zip transform: put the selected attachments in one password zip; the password leaves separately.
+
+All selected files go into ONE zip per message (the usual Japanese practice: "添付ファイル.zip" +
+a password mail). The zip part takes the place of the first selected attachment; the other
+selected parts are cut out with their delimiter lines. Everything else — the body, inline
+images, calendar parts, signatures, the header block — is spliced through byte-for-byte.
+
+Options (all optional):
+  method               "aes" (default, AES-256) | "zipcrypto" (Windows Explorer can open it)
+  filename_charset     "utf-8" (default, flag bit 11) | "cp932" (+ Unicode Path field 0x7075)
+  zip_name             template for one file, default "{stem}.zip"
+  zip_name_multi       template for several files, default "attachments_{date}.zip"
+                       ({stem}: first file's name without extension, {date}: YYYYMMDD of the
+                       Date header, {count}: number of files)
+  password_length      default 12;  password_alphabet: default without 0/O/o, 1/l/I
+  password_to          "sender" (default) | "recipients"
+  password_delay       seconds before the password notice goes out (default 0)
+  per_domain_passwords bool: one password, zip and delivery per recipient domain (splits)
+  select               "unencrypted" (default: skip files already encrypted) | "all"
+  min_size             bytes; smaller attachments stay as they are (default 0)
+  scan                 callable(data, filename) -> None, raising scan.ScanRejected to refuse
+  compresslevel        deflate level for compressible files (default 6)
+  lang                 language of the password notice (default "ja")
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import re
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timedelta
+from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from mailguard.actions.archive import Member, build_zip
+from mailguard.actions.base import Notice, Rewritten
+from mailguard.actions.headers import field_value, header_end, line_ending, split_fields
+from mailguard.actions.passwords import DEFAULT_ALPHABET, DEFAULT_LENGTH, generate_password
+from mailguard.message.addresses import decode_header_text, decode_words, normalize_domain
+from mailguard.message.types import Part
+
+if TYPE_CHECKING:
+    from mailguard.message import MessageView
+
+TRACE_HEADER = "X-MailGuard-Zip"
+
+
+# --- which parts ------------------------------------------------------------------------------
+
+
+def _sniffer() -> Callable[[bytes, str], Any] | None:
+    """The checks stage's format sniffer, if present (it knows many more formats than we do)."""
+    for mod, attr in (
+        ("mailguard.checks.formats", "sniff"),
+        ("mailguard.checks.fileformats", "sniff"),
+    ):
+        try:
+            fn = getattr(importlib.import_module(mod), attr, None)
+        except ImportError:
+            continue
+        if callable(fn):
+            return fn  # type: ignore[no-any-return]
+    return None
+
+
+_OLE = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
+
+
+def looks_encrypted(data: bytes) -> bool:
+    """Fallback when the sniffer is missing: the common encrypted shapes only.
+
+    Zip with the encryption flag on its first entry, PDF with an /Encrypt dictionary,
+    an OLE container holding an EncryptedPackage (password-protected Office), 7z with
+    encrypted headers cannot be told apart cheaply and counts as clear.
+    """
+    if data[:4] == b"PK\x03\x04":
+        return len(data) > 8 and bool(data[6] & 1)
+    if data[:5] == b"%PDF-":
+        return b"/Encrypt" in data[-65536:] or b"/Encrypt" in data[:65536]
+    if data[:8] == _OLE:
+        return "EncryptedPackage".encode("utf-16-le") in data[: 1 << 20]
+    return False
+
+
+def is_encrypted(data: bytes, filename: str) -> bool:
+    sniff = _sniffer()
+    if sniff is not None:
+        # None = cannot tell: zip it (encrypting twice costs less than a leak)
+        return getattr(sniff(data, filename), "encrypted", None) is True
+    return looks_encrypted(data)
+
+
+def _all_parts(view: MessageView) -> list[Part]:
+    out: list[Part] = []
+    stack = list(getattr(view, "parts", []) or [])
+    root = getattr(view, "root", None)
+    if root is not None:
+        stack.append(root)
+    seen: set[int] = set()
+    while stack:
+        p = stack.pop()
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        out.append(p)
+        stack.extend(p.children)
+    return out
+
+
+def _inside_message(part: Part, parents: Mapping[int, Part]) -> bool:
+    p = parents.get(id(part))
+    while p is not None:
+        if p.content_type == "message/rfc822":
+            return True
+        p = parents.get(id(p))
+    return False
+
+
+# --- the zip part -----------------------------------------------------------------------------
+
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
+
+
+def _safe_name(name: str) -> str:
+    name = _UNSAFE.sub("_", name).strip(" .")
+    return name or "attachment"
+
+
+def _stem(filename: str) -> str:
+    base = filename.rsplit("/", 1)[-1].rsplit("\\", 1)[-1]
+    stem, dot, _ = base.rpartition(".")
+    return stem if dot and stem else base
+
+
+def _encoded_word(text: str) -> list[str]:
+    """RFC 2047 B-words of ≤ 75 chars, split on character boundaries (Outlook reads name=)."""
+    words: list[str] = []
+    cur = ""
+    for ch in text:
+        if len(base64.b64encode((cur + ch).encode("utf-8"))) > 75 - 12:
+            words.append(cur)
+            cur = ""
+        cur += ch
+    if cur:
+        words.append(cur)
+    return [f"=?UTF-8?B?{base64.b64encode(w.encode('utf-8')).decode('ascii')}?=" for w in words]
+
+
+def part_headers(zip_name: str, nl: bytes) -> bytes:
+    """Content-Type/-Disposition of the zip part, readable by Outlook, Thunderbird and the stdlib.
+
+    RFC 2231 filename* (the standard) in Content-Disposition, RFC 2047 in name= (what Outlook
+    and older Japanese clients read), as Thunderbird writes them; ASCII names stay plain.
+    """
+    sep = nl + b" "
+    if zip_name.isascii():
+        q = zip_name.replace("\\", "\\\\").replace('"', '\\"')
+        ct = f'Content-Type: application/zip; name="{q}"'.encode("ascii")
+        cd = f'Content-Disposition: attachment; filename="{q}"'.encode("ascii")
+    else:
+        words = _encoded_word(zip_name)
+        ct = (
+            b"Content-Type: application/zip;"
+            + sep
+            + b'name="'
+            + sep.join(w.encode("ascii") for w in words)
+            + b'"'
+        )
+        pct = quote(zip_name.encode("utf-8"), safe="")
+        chunks = [pct[i : i + 60] for i in range(0, len(pct), 60)]
+        # don't split a %XX escape across continuations
+        fixed: list[str] = []
+        carry = ""
+        for c in chunks:
+            c = carry + c
+            cut = c.rfind("%", max(0, len(c) - 2))
+            carry, c = (c[cut:], c[:cut]) if cut >= 0 else ("", c)
+            fixed.append(c)
+        if carry:
+            fixed.append(carry)
+        fixed = [c for c in fixed if c]
+        params = [
+            f"filename*{i}*={'UTF-8' + chr(39) * 2 if i == 0 else ''}{c}"
+            for i, c in enumerate(fixed)
+        ]
+        if len(params) == 1:
+            params = [f"filename*=UTF-8''{fixed[0]}"]
+        cd = (
+            b"Content-Disposition: attachment;"
+            + sep
+            + (b";" + sep).join(p.encode("ascii") for p in params)
+        )
+    return ct + nl + cd + nl + b"Content-Transfer-Encoding: base64" + nl
+
+
+_B64_BLOCK = 57 * 1024  # 1024 lines of 76 characters per piece
+
+
+def b64_body(data: bytes | memoryview, nl: bytes) -> list[bytes]:
+    """Base64 in 76-character lines with the message's own line ending (no final line end).
+
+    Returned as pieces of ~78 KiB so the caller joins the whole message once: one full-size
+    copy of the encoded zip instead of three (encode, CRLF, trim).
+    """
+    mv = memoryview(data)
+    pieces = []
+    for i in range(0, len(mv), _B64_BLOCK):
+        enc = base64.encodebytes(mv[i : i + _B64_BLOCK])
+        pieces.append(enc.replace(b"\n", b"\r\n") if nl == b"\r\n" else enc)
+    if pieces:
+        pieces[-1] = pieces[-1][: -len(nl)]
+    return pieces
+
+
+# --- the transform ----------------------------------------------------------------------------
+
+
+class ZipAttachments:
+    """The "zip" transform (see module docstring for options)."""
+
+    name = "zip"
+
+    def apply(self, raw: bytes, view: MessageView, options: Mapping[str, Any]) -> Rewritten:
+        parts = _all_parts(view)
+        parents = {id(c): p for p in parts for c in p.children}
+        select = options.get("select", "unencrypted")
+        min_size = int(options.get("min_size", 0))
+        scan = options.get("scan")
+        chosen: list[tuple[Part, bytes]] = []
+        skipped: list[str] = []
+        for part in getattr(view, "attachments", []):
+            if part.role != "attachment" or part is getattr(view, "root", None):
+                continue
+            if part.path == "" or id(part) not in parents or _inside_message(part, parents):
+                skipped.append(f"{part.filename or part.path}: not a top-level attachment")
+                continue
+            data = view.body_of(part)
+            damaged = {"mime.decoded_limit", "mime.bad_base64"} & set(part.defects)
+            if damaged:  # zipping what we could decode would change the file: leave it
+                skipped.append(f"{part.filename}: {', '.join(sorted(damaged))}")
+                continue
+            if len(data) < min_size:
+                continue
+            if select != "all" and is_encrypted(data, part.filename):
+                skipped.append(f"{part.filename}: already encrypted")
+                continue
+            chosen.append((part, data))
+        if not chosen:
+            return Rewritten(raw, trace="zip: nothing to zip" + _why(skipped))
+
+        names = _unique(
+            [_safe_name(p.filename or f"attachment{i + 1}") for i, (p, _) in enumerate(chosen)]
+        )
+        if scan is not None:
+            for (_, data), name in zip(chosen, names, strict=True):
+                scan(data, name)
+
+        end = getattr(view, "header_end", None) or header_end(raw)
+        fields = split_fields(raw, end)
+        date = _message_date(raw, fields)
+        subject = _subject(raw, fields, view)
+        members = [Member(n, d, date) for (_, d), n in zip(chosen, names, strict=True)]
+        zip_name = _zip_name(options, names, date)
+        nl = line_ending(raw)
+        if view.envelope is None:  # notices and splits are addressed from the envelope
+            raise ValueError("zip transform needs the message's envelope")
+        sender = view.envelope.mail_from
+        rcpts = list(view.envelope.rcpt_tos)
+
+        groups: list[tuple[str, list[str]]]
+        if options.get("per_domain_passwords"):
+            by_dom: dict[str, list[str]] = {}
+            for r in rcpts:
+                by_dom.setdefault(normalize_domain(r.rpartition("@")[2])[0], []).append(r)
+            groups = list(by_dom.items())
+        else:
+            groups = [("", rcpts)]
+
+        notices: list[Notice] = []
+        splits: list[tuple[tuple[str, ...], bytes]] = []
+        out = raw
+        for _dom, who in groups:
+            password = generate_password(
+                int(options.get("password_length", DEFAULT_LENGTH)),
+                str(options.get("password_alphabet", DEFAULT_ALPHABET)),
+            )
+            archive = build_zip(
+                members,
+                password,
+                method=options.get("method", "aes"),
+                names=options.get("filename_charset", "utf-8"),
+                compresslevel=int(options.get("compresslevel", 6)),
+            )
+            body = b64_body(archive, nl)
+            del archive  # only the encoded pieces are needed from here on
+            out = _splice(raw, [p for p, _ in chosen], parents, body, zip_name, nl, len(names))
+            del body
+            notices.append(_notice(options, password, names, zip_name, subject, who, sender))
+            if len(groups) > 1:
+                splits.append((tuple(who), out))
+        method = options.get("method", "aes")
+        trace = (
+            f"zip: {len(names)} file(s) into {zip_name} ({method}"
+            f"{', per-domain passwords' if len(groups) > 1 else ''}); "
+            f"password to {options.get('password_to', 'sender')}" + _why(skipped)
+        )
+        return Rewritten(out, notices=tuple(notices), trace=trace, splits=tuple(splits))
+
+
+def _why(skipped: list[str]) -> str:
+    return f"; skipped: {', '.join(skipped)}" if skipped else ""
+
+
+def _unique(names: list[str]) -> list[str]:
+    seen: set[str] = set()
+    out = []
+    for n in names:
+        cand, k = n, 1
+        while cand.lower() in seen:
+            k += 1
+            stem, dot, ext = n.rpartition(".")
+            cand = f"{stem} ({k}).{ext}" if dot and stem else f"{n} ({k})"
+        seen.add(cand.lower())
+        out.append(cand)
+    return out
+
+
+def _message_date(raw: bytes, fields: Iterable[Any]) -> datetime:
+    """The Date header's wall-clock time (the sender's), else now: used for mtime and {date}."""
+    for f in fields:
+        if f.key() == "date":
+            try:
+                dt = parsedate_to_datetime(field_value(raw, f).decode("ascii", "replace").strip())
+                return dt.replace(tzinfo=None)
+            except (TypeError, ValueError, IndexError):
+                break
+    return datetime.now()
+
+
+def _subject(raw: bytes, fields: Iterable[Any], view: Any) -> str:
+    s = getattr(view, "subject", None)
+    if isinstance(s, str):
+        return s
+    for f in fields:
+        if f.key() == "subject":
+            text = field_value(raw, f).decode("ascii", "surrogateescape")
+            return decode_words(decode_header_text(text)).strip()
+    return ""
+
+
+def _zip_name(options: Mapping[str, Any], names: list[str], date: datetime) -> str:
+    if len(names) == 1:
+        tpl = str(options.get("zip_name", "{stem}.zip"))
+    else:
+        tpl = str(options.get("zip_name_multi", "attachments_{date}.zip"))
+    try:
+        name = tpl.format(stem=_stem(names[0]), date=date.strftime("%Y%m%d"), count=len(names))
+    except (KeyError, IndexError, ValueError):
+        name = f"{_stem(names[0])}.zip"
+    name = _safe_name(name)
+    return name if name.lower().endswith(".zip") else name + ".zip"
+
+
+def _notice(
+    options: Mapping[str, Any],
+    password: str,
+    names: list[str],
+    zip_name: str,
+    subject: str,
+    recipients: list[str],
+    sender: str,
+) -> Notice:
+    to_recipients = options.get("password_to", "sender") == "recipients"
+    delay = float(options.get("password_delay", 0) or 0)
+    return Notice(
+        kind="zip-password",
+        to=tuple(recipients) if to_recipients else (sender,),
+        data={
+            "password": password,
+            "filenames": list(names),
+            "zip_name": zip_name,
+            "subject": subject,
+            "recipients": list(recipients),
+            "lang": options.get("lang", "ja"),
+        },
+        send_after=timedelta(seconds=delay) if to_recipients else timedelta(0),
+    )
+
+
+def _splice(
+    raw: bytes,
+    chosen: list[Part],
+    parents: Mapping[int, Part],
+    body: list[bytes],
+    zip_name: str,
+    nl: bytes,
+    count: int,
+) -> bytes:
+    """raw with the first chosen part replaced by the zip part and the others cut out."""
+    cuts: list[tuple[int, int, list[bytes]]] = []
+    first = chosen[0]
+    cuts.append((first.header_start, first.body_end, [part_headers(zip_name, nl) + nl, *body]))
+    for p in chosen[1:]:
+        parent = parents[id(p)]
+        # the delimiter line before the part, with the line break before it (RFC 2046 5.1.1)
+        line_start = raw.rfind(b"\n", 0, max(p.header_start - 1, 0)) + 1
+        if line_start > parent.body_start:
+            lo = line_start - 1
+            if lo > 0 and raw[lo - 1 : lo] == b"\r":
+                lo -= 1
+            cuts.append((lo, p.body_end, []))
+        else:  # first delimiter of the multipart: take the line break after the part instead
+            hi = p.body_end
+            if raw[hi : hi + 2] == b"\r\n":
+                hi += 2
+            elif raw[hi : hi + 1] == b"\n":
+                hi += 1
+            cuts.append((line_start, hi, []))
+    cuts.sort(key=lambda c: c[0])
+    trace = f"{TRACE_HEADER}: {count} attachment{'s' if count != 1 else ''} zipped with a password"
+    out: list[bytes] = [trace.encode("ascii") + nl]
+    pos = 0
+    for lo, hi, new in cuts:
+        out.append(raw[pos:lo])
+        out += new
+        pos = hi
+    out.append(raw[pos:])
+    return b"".join(out)
+
+
+__all__ = ["ZipAttachments", "b64_body", "is_encrypted", "looks_encrypted", "part_headers"]

@@ -1,0 +1,1 @@
+"""Byte-level file format sniffers, one module per family (entry: checks.fileformats)."""
