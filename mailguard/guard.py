@@ -11,12 +11,15 @@ This is where the never-lose-mail rule is enforced for the in-transaction path:
 
 from __future__ import annotations
 
+import base64
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from mailguard.checks.finding import Finding
 from mailguard.envelope import TEMPFAIL, Envelope, Reply
 from mailguard.policy.decision import Decision, Gate
 
@@ -43,14 +46,23 @@ class Keeper(Protocol):
 class Outcome:
     """What happened to one message: for the log line and the metrics."""
 
+    id: str  # ours, for log correlation (Postfix's queue id is env.queue_id)
     reply: Reply
     decision: Decision | None
     view: MessageView | None
     stages: dict[str, float]
+    findings: tuple[Finding, ...] = ()  # all findings, also those no rule acted on
     error: str = ""
 
 
-Analyzer = Callable[["MessageView"], Awaitable[Decision]]
+def new_id() -> str:
+    """Short, sortable, unique enough per host: time in µs + 3 random bytes, base32."""
+    n = (time.time_ns() // 1000) << 24 | int.from_bytes(os.urandom(3), "big")
+    return base64.b32encode(n.to_bytes(11, "big")).decode().rstrip("=").lstrip("A")
+
+
+# view → Decision, or an object carrying `.decision` and `.findings` (analysis.Analysis)
+Analyzer = Callable[["MessageView"], Awaitable[Any]]
 ViewParser = Callable[[Any, Envelope], "MessageView"]
 Observer = Callable[[Envelope, Outcome], None]
 
@@ -79,13 +91,16 @@ class Guard:
         self.in_flight += 1
         stages: dict[str, float] = {}
         view = decision = None
+        findings: tuple[Finding, ...] = ()
         error = ""
         try:
             t = time.perf_counter()
             view = self.parse(msg.content, env)
             stages["parse"] = time.perf_counter() - t
             t = time.perf_counter()
-            decision = await self.analyze(view)
+            verdict = await self.analyze(view)
+            decision = getattr(verdict, "decision", verdict)
+            findings = tuple(getattr(verdict, "findings", decision.findings))
             stages["checks"] = time.perf_counter() - t
             reply = await self._act(env, msg, view, decision, stages)
         except Exception as e:
@@ -96,7 +111,7 @@ class Guard:
             self.in_flight -= 1
         if self.observe is not None:
             try:
-                self.observe(env, Outcome(reply, decision, view, stages, error))
+                self.observe(env, Outcome(new_id(), reply, decision, view, stages, findings, error))
             except Exception:
                 log.exception("%s: observer failed (message already answered)", env.queue_id)
         return reply

@@ -75,6 +75,13 @@ def load_all(args: argparse.Namespace) -> Config:
 
 
 def _setup_logging(cfg: Config) -> None:
+    # aiosmtpd logs every command at INFO under "mail.log": only useful when debugging
+    if cfg.log.level != "debug":
+        logging.getLogger("mail.log").setLevel(logging.WARNING)
+    _setup_root(cfg)
+
+
+def _setup_root(cfg: Config) -> None:
     try:
         from mailguard.logfmt import setup_logging
     except ImportError:
@@ -93,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_all(args)
         # validate the policy before forking or binding anything
-        build_server(cfg, lambda: load_all(args), dry_run=True)
+        build_server(cfg, lambda: load_all(args))
     except ConfigError as e:
         print(f"mailguard: {e}", file=sys.stderr)
         return 2
@@ -110,8 +117,14 @@ def _run_one(cfg: Config, args: argparse.Namespace, *, worker: int) -> int:
     from mailguard.app import build_server
 
     async def main() -> int:
+        from mailguard.metrics import Metrics
+
         server = build_server(
-            cfg, lambda: load_all(args), worker=worker, reuse_port=args.workers > 1
+            cfg,
+            lambda: load_all(args),
+            worker=worker,
+            reuse_port=args.workers > 1,
+            metrics=Metrics(),
         )
         try:
             return await server.run(grace=args.grace)
