@@ -21,7 +21,7 @@ from mailguard.errors import ConfigError
 from mailguard.guard import Outcome
 from mailguard.message.addresses import parse_envelope
 from mailguard.policy import Policy, builtin_policy, load_policy
-from mailguard.policy.decision import Decision
+from mailguard.policy.decision import PASS, Decision
 from mailguard.server import Server
 
 if TYPE_CHECKING:
@@ -134,12 +134,17 @@ def make_analyzer(
     *,
     history: HistoryCache | None = None,
     resolver: DomainResolver | None = None,
+    secret: str = "",
 ) -> Callable[[MessageView], Any]:
     """view → Analysis: look up what the checks need (I/O), then the pure checks and policy."""
+    from mailguard.notify import is_own_notice
 
-    async def analyze(view: MessageView) -> Analysis:
+    async def analyze(view: MessageView) -> Analysis | Decision:
         env = view.envelope
         assert env is not None
+        # the guard's own notices (sealed with the secret) are not guarded again
+        if secret and view.header("X-MailGuard-Notice") and is_own_notice(bytes(view.raw), secret):
+            return PASS
         hist = dns = None
         if history is not None or resolver is not None:
             domains = recipient_domains(view)
@@ -190,6 +195,12 @@ class Service(Server):
         self.history: HistoryCache | None = None
         self.resolver: DomainResolver | None = None
         self.bundle: Bundle | None = None
+        self.store: Any = None
+        self.hold: Any = None
+        self.notifier: Any = None
+        self.scheduler: Any = None
+        self._web: Any = None
+        self._tasks: list[asyncio.Future[Any]] = []
         self.observers.append(self._log_and_count)
 
     def _load_bundle(self) -> tuple[Config, Any]:
@@ -206,17 +217,99 @@ class Service(Server):
             self.resolver = DomainResolver(
                 list(cfg.dns.nameservers) or None, port=cfg.dns.port, timeout=cfg.dns.timeout
             )
-        analyzer = make_analyzer(policy, history=self.history, resolver=self.resolver)
+        analyzer = make_analyzer(
+            policy, history=self.history, resolver=self.resolver, secret=cfg.web.secret
+        )
         self.bundle = Bundle(cfg, policy, analyzer)
         if self.metrics is not None:
             self.metrics.prepare(r.name for r in policy.rules)
         return cfg, analyzer
 
+    async def send(self, env: Envelope, raw: Any, *, wire: bytes | None = None) -> Any:
+        """The current upstream transport (it is replaced when a reload changes the upstream)."""
+        assert self.transport is not None
+        return await self.transport.send(env, raw, wire=wire)
+
     async def start(self) -> None:
+        from mailguard.queue import HoldService, SqliteStore
+
+        cfg = self.cfg
         await super().start()
+        cfg = self.cfg  # as loaded by start()
         assert self.guard is not None and self.bundle is not None
         self.guard.rewrite = rewrite
         self._warm_up(self.bundle.policy)
+        self.store = SqliteStore(cfg.store.path)
+        await self.store.open()
+        host, port = cfg.web.listen
+        public_url = cfg.web.public_url or f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        self.hold = HoldService(self.store, public_url=public_url)
+        self.guard.keeper = self.hold
+        if self.worker == 0:
+            await self._start_worker0(cfg, public_url)
+
+    async def _start_worker0(self, cfg: Config, public_url: str) -> None:
+        """Scheduler and web side run in one process only (one scheduler per store)."""
+        from mailguard.notify import Notifier
+        from mailguard.scheduler import Scheduler
+
+        self.notifier = Notifier(
+            self,
+            cfg.notify.sender,
+            charset=cfg.notify.charset,
+            lang=cfg.notify.lang.split("+")[0],
+            templates_dir=cfg.notify.templates or None,
+            public_url=public_url,
+            secret=cfg.web.secret,
+            hostname=self._hostname,
+        )
+        self.scheduler = Scheduler(self.store, self, self.notifier, reporting_mta=self._hostname)
+        self._tasks.append(asyncio.ensure_future(self.scheduler.run()))
+        self._tasks.append(asyncio.ensure_future(self._queue_gauges()))
+        if cfg.web.enabled:
+            from aiohttp import web
+
+            from mailguard.web import make_app, start_web
+
+            app = make_app(
+                self.store,
+                self.hold,
+                secret=cfg.web.secret,
+                admin_token=cfg.web.admin_token,
+                public_url=public_url,
+                lang_default=cfg.notify.lang.split("+")[0],
+                upstream_check=self._probe,
+                on_change=self.scheduler.wake,
+            )
+            if self.metrics is not None:
+                metrics = self.metrics
+
+                async def render(request: web.Request) -> web.Response:
+                    body, ctype = metrics.render()
+                    return web.Response(body=body, headers={"Content-Type": ctype})
+
+                app.router.add_get("/metrics", render)
+            self._web = await start_web(app, *cfg.web.listen)
+            log.info("web pages and API on %s:%d (links: %s)", *cfg.web.listen, public_url)
+
+    async def _probe(self) -> bool:
+        return self.transport is not None and await self.transport.probe()
+
+    async def _queue_gauges(self) -> None:
+        from mailguard.queue import State
+
+        while self.metrics is not None:
+            try:
+                counts = {st.value: await self.store.count(st) for st in State}
+                oldest = (
+                    await self.store.oldest_held_age()
+                    if hasattr(self.store, "oldest_held_age")
+                    else None
+                )
+                self.metrics.set_queue(counts, oldest)
+            except Exception:
+                log.exception("queue gauges")
+            await asyncio.sleep(15)
 
     @staticmethod
     def _warm_up(policy: Policy) -> None:
@@ -236,6 +329,15 @@ class Service(Server):
 
     async def stop(self, grace: float = 30.0) -> None:
         await super().stop(grace)
+        if self.scheduler is not None:
+            await self.scheduler.stop()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._web is not None:
+            await self._web.cleanup()
+        if self.store is not None:
+            await self.store.close()
         if self.history is not None:
             await self.history.close()
 

@@ -41,6 +41,10 @@ class Keeper(Protocol):
         self, env: Envelope, raw: bytes, decision: Decision, summary: dict[str, Any]
     ) -> Reply: ...
 
+    async def send_notices(self, notices: Any, env: Envelope) -> list[int]: ...
+
+    async def drop_notices(self, ids: list[int], env: Envelope) -> None: ...
+
 
 @dataclass(slots=True)
 class Outcome:
@@ -129,6 +133,7 @@ class Guard:
             return Reply(550, f"5.7.1 MailGuard: {text}")
         raw: Any = msg.content
         wire = msg.wire
+        notices: tuple[Any, ...] = ()
         if decision.transforms:
             if self.rewrite is None:
                 # never 250-and-drop: without the rewrite stage the message waits at Postfix
@@ -139,22 +144,32 @@ class Guard:
                 )
                 return Reply(451, "4.3.0 MailGuard: rewrite not available, try again later")
             t = time.perf_counter()
-            raw, _ = await self.rewrite(bytes(raw), view, decision)
+            raw, result = await self.rewrite(bytes(raw), view, decision)
+            notices = tuple(getattr(result, "notices", ()))
+            trace = getattr(result, "trace", "")
+            if trace:
+                log.info("%s: rewritten: %s", env.queue_id, trace)
             stages["rewrite"] = time.perf_counter() - t
             wire = None
-        if decision.gate in (Gate.HOLD, Gate.CONFIRM, Gate.APPROVE):
-            if self.keeper is None:
-                log.warning(
-                    "%s: %s asked but no queue configured: 451", env.queue_id, decision.action
-                )
-                return Reply(451, "4.3.0 MailGuard: queue not available, try again later")
-            t = time.perf_counter()
+        keep = decision.gate in (Gate.HOLD, Gate.CONFIRM, Gate.APPROVE)
+        if (notices or keep) and self.keeper is None:
+            log.warning(
+                "%s: %s needs the queue, none configured: 451", env.queue_id, decision.action
+            )
+            return Reply(451, "4.3.0 MailGuard: queue not available, try again later")
+        # Notices (zip passwords) are stored durably first and withdrawn if the message does
+        # not go out: a password never leaves for mail that was not sent.
+        t = time.perf_counter()
+        notice_ids = await self.keeper.send_notices(notices, env) if notices else []  # type: ignore[union-attr]
+        if keep:
+            assert self.keeper is not None
             reply = await self.keeper.keep(env, bytes(raw), decision, summarize(view, decision))
             stages["store"] = time.perf_counter() - t
-            return reply
-        t = time.perf_counter()
-        reply = await self.transport.send(env, raw, wire=wire)
-        stages["relay"] = time.perf_counter() - t
+        else:
+            reply = await self.transport.send(env, raw, wire=wire)
+            stages["relay"] = time.perf_counter() - t
+        if notice_ids and not reply.ok:
+            await self.keeper.drop_notices(notice_ids, env)  # type: ignore[union-attr]
         return reply
 
 

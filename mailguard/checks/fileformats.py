@@ -74,7 +74,9 @@ def sniff_unguarded(data: bytes, filename: str, budget: Budget, depth: int) -> F
     if found:
         return found
     got = cryptmsg.pgp_packets(data[: 1 << 16])
-    if got is not None:
+    # A plain (signed/compressed/literal) packet header is 1-2 bytes any random file can start
+    # with: trust it only by file name; encrypted packets are checked much more strictly.
+    if got is not None and (got[0] or filename.lower().endswith((".gpg", ".pgp", ".sig"))):
         enc, what = got
         return FileInfo("pgp", cryptmsg.PGP, enc, what)
     return simple.sniff_text(data, filename) or simple.sniff_unknown(data)

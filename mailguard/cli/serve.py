@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import sys
 import time
@@ -71,7 +72,16 @@ def apply_overrides(cfg: Config, args: argparse.Namespace) -> Config:
 
 
 def load_all(args: argparse.Namespace) -> Config:
-    return apply_overrides(load(args.config), args)
+    cfg = apply_overrides(load(args.config), args)
+    if not cfg.web.secret:
+        # One random key per start, shared by all workers (drawn before forking): CSRF values
+        # and notice seals then agree across processes; confirm links survive no restart only
+        # for their POST form, the token itself stays valid.
+        cfg = replace(cfg, web=replace(cfg.web, secret=_SECRET))
+    return cfg
+
+
+_SECRET = secrets.token_hex(32)
 
 
 def _setup_logging(cfg: Config) -> None:
@@ -167,6 +177,13 @@ def _supervise(cfg: Config, args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
+    from mailguard.metrics import mark_process_dead, prepare_multiproc_dir
+
+    # prometheus_client multi-process mode: worker 0 serves /metrics for all of them
+    mp_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or str(
+        cfg.store.path.parent / "metrics"
+    )
+    prepare_multiproc_dir(mp_dir)
     for i in range(args.workers):
         spawn(i)
     log.info("started %d workers: %s", args.workers, sorted(children))
@@ -182,6 +199,7 @@ def _supervise(cfg: Config, args: argparse.Namespace) -> int:
         i = children.pop(pid, None)
         if i is None:
             continue
+        mark_process_dead(pid)
         code = os.waitstatus_to_exitcode(status)
         if stopping:
             worst = max(worst, code if code > 0 else 0)

@@ -1,0 +1,285 @@
+"""Notify stage: render and send the guard's own mails (hold, confirm, approval, outcome, password).
+
+A template `<kind>.txt.j2` renders the whole plain-text mail: the first line is `Subject: …`, then a
+blank line, then the body. The HTML part comes from `<kind>.html.j2` when it exists, otherwise
+from `_layout.html.j2` wrapping the escaped text (links made clickable). Templates see `langs`
+(["ja"], ["en"] or ["ja", "en"]), `tr(ja, en)`, `data` (the notice's variables) and `when(iso)`.
+An admin directory (notify.templates) overrides any shipped file of the same name.
+
+MIME: multipart/alternative, text/plain then text/html. With charset "iso-2022-jp" the text part is
+ISO-2022-JP 7bit and the subject is RFC 2047 ISO-2022-JP (what older Japanese clients expect); a
+text that JIS X 0208 cannot encode (emoji, rare kanji) falls back to UTF-8 rather than garble.
+The HTML part is always UTF-8 (base64). Every notice carries `Auto-Submitted: auto-generated`
+(RFC 3834: no auto-replies) and `X-MailGuard-Notice: <kind>; sig=<hmac>`: the signature covers the
+kind and the body, so `is_own_notice` can tell the guard's own mail from a sender who merely
+copied the header to slip past the guard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import html
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from email import policy as email_policy
+from email.charset import BASE64, Charset
+from email.header import Header
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+from email.parser import BytesHeaderParser
+from email.utils import format_datetime, formataddr, make_msgid
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import jinja2
+from markupsafe import Markup
+
+from mailguard.envelope import Envelope, Reply
+from mailguard.relay.base import Transport
+
+log = logging.getLogger("mailguard.notify")
+
+SHIPPED = Path(__file__).with_name("templates")
+HEADER = "X-MailGuard-Notice"
+KINDS = (
+    "held",
+    "confirm",
+    "approval-pending",
+    "approval-request",
+    "outcome",
+    "zip-password",
+)
+
+
+def _langs(lang: str) -> list[str]:
+    if lang in ("ja+en", "both"):
+        return ["ja", "en"]
+    return ["en"] if lang.startswith("en") else ["ja"]
+
+
+def _body_digest(body: bytes) -> bytes:
+    # Line ends and trailing blank lines may change in transit (CRLF/LF, a final newline).
+    norm = body.replace(b"\r\n", b"\n").rstrip(b"\n \t")
+    return hashlib.sha256(norm).digest()
+
+
+def _sign(secret: bytes, kind: str, body: bytes) -> str:
+    mac = hmac.new(secret, kind.encode() + b"\0" + _body_digest(body), hashlib.sha256)
+    return mac.hexdigest()[:32]
+
+
+def _split(raw: bytes) -> tuple[bytes, bytes]:
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        i = raw.find(sep)
+        if i >= 0:
+            return raw[: i + len(sep)], raw[i + len(sep) :]
+    return raw, b""
+
+
+def own_notice_kind(raw: bytes, secret: bytes | str) -> str | None:
+    """The notice kind if `raw` is a notice this guard signed with `secret`, else None."""
+    if isinstance(secret, str):
+        secret = secret.encode()
+    if not secret:
+        return None
+    head, body = _split(raw)
+    if HEADER.lower().encode() not in head.lower():
+        return None
+    msg = BytesHeaderParser(policy=email_policy.compat32).parsebytes(head)
+    for value in msg.get_all(HEADER) or []:
+        m = re.fullmatch(r"\s*([a-z0-9-]+)\s*;\s*sig=([0-9a-f]{32})\s*", str(value))
+        if m and hmac.compare_digest(m[2], _sign(secret, m[1], body)):
+            return m[1]
+    return None
+
+
+def is_own_notice(raw: bytes, secret: bytes | str) -> bool:
+    """True for a mail the guard itself generated (pass it without guarding it again)."""
+    return own_notice_kind(raw, secret) is not None
+
+
+class Notifier:
+    """Renders notices with jinja2 and sends them through the same Transport as mail."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        sender: str,
+        *,
+        charset: str = "utf-8",
+        lang: str = "ja",
+        templates_dir: str | Path | None = None,
+        public_url: str = "",
+        secret: bytes | str = b"",
+        timezone: str = "Asia/Tokyo",
+        hostname: str = "",
+    ) -> None:
+        if charset not in ("utf-8", "iso-2022-jp"):
+            raise ValueError(f"charset {charset!r} (expected utf-8 or iso-2022-jp)")
+        self.transport = transport
+        self.sender = sender
+        self.charset = charset
+        self.lang = lang
+        self.public_url = public_url.rstrip("/")
+        self.secret = secret.encode() if isinstance(secret, str) else secret
+        try:
+            self.tz: Any = ZoneInfo(timezone)
+        except Exception:  # no tzdata on the box: show UTC rather than fail a notice
+            self.tz = None
+        self.domain = hostname or (sender.rpartition("@")[2] or "localhost")
+        loaders: list[jinja2.BaseLoader] = []
+        if templates_dir:
+            loaders.append(jinja2.FileSystemLoader(str(templates_dir)))
+        loaders.append(jinja2.FileSystemLoader(str(SHIPPED)))
+        self._text_env = jinja2.Environment(
+            loader=jinja2.ChoiceLoader(loaders),
+            autoescape=False,  # plain text; the HTML side escapes
+            undefined=jinja2.StrictUndefined,
+            keep_trailing_newline=True,
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+        self._html_env = jinja2.Environment(
+            loader=jinja2.ChoiceLoader(loaders),
+            autoescape=True,
+            undefined=jinja2.StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+
+    # -- rendering -----------------------------------------------------------------------------
+
+    def _when(self, value: str | datetime | None) -> str:
+        if not value:
+            return ""
+        d = datetime.fromisoformat(value) if isinstance(value, str) else value
+        if self.tz is not None:
+            d = d.astimezone(self.tz)
+        return d.strftime("%Y-%m-%d %H:%M %Z").strip()
+
+    def _context(self, data: Mapping[str, Any], lang: str, to: Sequence[str]) -> dict[str, Any]:
+        langs = _langs(lang)
+
+        def tr(ja: str, en: str) -> str:
+            return " / ".join(s for s, lg in ((ja, "ja"), (en, "en")) if lg in langs)
+
+        return {
+            "d": data,
+            "data": data,
+            "to": list(to),
+            "langs": langs,
+            "tr": tr,
+            "when": self._when,
+        }
+
+    def render_text(
+        self, kind: str, data: Mapping[str, Any], lang: str | None = None, to: Sequence[str] = ()
+    ) -> tuple[str, str, str]:
+        """(subject, text body, html body) for one notice."""
+        ctx = self._context(data, lang or str(data.get("lang") or self.lang), to)
+        full = self._text_env.get_template(f"{kind}.txt.j2").render(ctx)
+        first, _, body = full.partition("\n")
+        if not first.lower().startswith("subject:"):
+            raise ValueError(f"{kind}.txt.j2: the first line must be 'Subject: …'")
+        subject = first.split(":", 1)[1].strip()
+        body = body.lstrip("\n")
+        try:
+            page = self._html_env.get_template(f"{kind}.html.j2").render(ctx)
+        except jinja2.TemplateNotFound:
+            page = self._html_env.get_template("_layout.html.j2").render(
+                ctx, subject=subject, body_html=_text_to_html(body)
+            )
+        return subject, body, page
+
+    def render(
+        self, kind: str, to: Sequence[str], data: Mapping[str, Any], lang: str | None = None
+    ) -> bytes:
+        """The notice as a complete RFC 5322 message (CRLF line ends)."""
+        subject, text, page = self.render_text(kind, data, lang, to)
+        msg = MIMEMultipart("alternative")
+        text_part = self._text_part(text)
+        html_cs = Charset("utf-8")
+        html_cs.body_encoding = BASE64
+        html_part = MIMEText(page, "html", html_cs)  # type: ignore[arg-type]
+        msg.attach(text_part)
+        msg.attach(html_part)
+
+        hcs = self.charset if _encodable(subject, self.charset) else "utf-8"
+        msg["Subject"] = Header(subject, hcs)  # type: ignore[assignment]
+        msg["From"] = formataddr(("MailGuard", self.sender))
+        msg["To"] = ", ".join(to)
+        msg["Date"] = format_datetime(datetime.now().astimezone())
+        msg["Message-ID"] = make_msgid("mailguard", domain=self.domain)
+        msg["Auto-Submitted"] = "auto-generated"
+        msg["X-Auto-Response-Suppress"] = "All"  # Exchange/Outlook: no out-of-office replies
+        msg["Precedence"] = "bulk"
+        return self.seal(kind, _as_bytes(msg))
+
+    def seal(self, kind: str, raw: bytes) -> bytes:
+        """Prepend the signed X-MailGuard-Notice header (also used for DSNs built elsewhere)."""
+        sig = _sign(self.secret, kind, _split(raw)[1]) if self.secret else "0" * 32
+        return f"{HEADER}: {kind}; sig={sig}\r\n".encode() + raw
+
+    def _text_part(self, text: str) -> MIMEText:
+        if self.charset == "iso-2022-jp" and _encodable(text, "iso-2022-jp"):
+            cs = Charset("iso-2022-jp")  # body 7bit as-is, headers base64: the JIS tradition
+            return MIMEText(text, "plain", cs)  # type: ignore[arg-type]
+        if self.charset == "iso-2022-jp":
+            log.info("notice text not encodable in ISO-2022-JP; sending UTF-8")
+        cs = Charset("utf-8")
+        cs.body_encoding = BASE64
+        return MIMEText(text, "plain", cs)  # type: ignore[arg-type]
+
+    # -- sending -------------------------------------------------------------------------------
+
+    async def send(
+        self,
+        kind: str,
+        to: Sequence[str],
+        data: Mapping[str, Any],
+        *,
+        null_sender: bool = False,
+        lang: str | None = None,
+        queue_id: str = "-",
+    ) -> Reply:
+        raw = self.render(kind, to, data, lang)
+        return await self.send_raw(raw, to, null_sender=null_sender, queue_id=queue_id)
+
+    async def send_raw(
+        self, raw: bytes, to: Sequence[str], *, null_sender: bool = False, queue_id: str = "-"
+    ) -> Reply:
+        env = Envelope(
+            mail_from="" if null_sender else self.sender,
+            rcpt_tos=list(to),
+            xforward={"IDENT": queue_id} if queue_id != "-" else {},
+        )
+        return await self.transport.send(env, raw)
+
+
+def _encodable(s: str, charset: str) -> bool:
+    try:
+        s.encode(charset)
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _as_bytes(msg: MIMEMultipart) -> bytes:
+    return msg.as_bytes(policy=email_policy.compat32.clone(linesep="\r\n", max_line_length=78))
+
+
+_URL = re.compile(r"https?://[^\s<>\"']+")
+
+
+def _text_to_html(text: str) -> Markup:
+    """Escaped paragraphs with clickable links (the default HTML part)."""
+    out = []
+    for para in re.split(r"\n\s*\n", text.strip()):
+        esc = html.escape(para)
+        esc = _URL.sub(lambda m: f'<a href="{m[0]}">{m[0]}</a>', esc)
+        out.append("<p>" + esc.replace("\n", "<br>\n") + "</p>")
+    return Markup("\n".join(out))  # built from escaped text

@@ -1,0 +1,5 @@
+"""Web stage: confirm pages, admin JSON API and /healthz (aiohttp)."""
+
+from mailguard.web.app import RedactingAccessLogger, make_app, start_web
+
+__all__ = ["RedactingAccessLogger", "make_app", "start_web"]

@@ -1,0 +1,563 @@
+"""Web stage: the sender's confirm pages (/m/<token>), the admin JSON API (/api/), /healthz.
+
+A GET never changes state: mail security gateways and link scanners open every link in a mail,
+so GET/HEAD only show the page and a POST acts. The POST must carry a CSRF value (HMAC of token,
+action and issue time under the server secret) from a page rendered at most an hour earlier.
+Unknown tokens are counted per client address and answered 429 past the limit, so guessing a
+192-bit token is hopeless and noisy. Pages are self-contained (inline CSS, no scripts, no external
+assets), in Japanese and English (Accept-Language, `?lang=`), and sent with no-referrer /
+no-store / noindex headers. Tokens never reach a log line: use `start_web()` (or pass
+`access_log_class=RedactingAccessLogger` to your AppRunner) to keep them out of access logs.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import yarl
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from mailguard.errors import StoreError
+from mailguard.queue.service import HoldService
+from mailguard.queue.store import Held, HeldStore, State, TokenError, TransitionError
+
+log = logging.getLogger("mailguard.web")
+
+TEMPLATES = Path(__file__).with_name("templates")
+TOKEN_RE = r"[A-Za-z0-9_-]{16,128}"
+CSRF_MAX_AGE = 3600.0
+
+SECURITY_HEADERS = {
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+    "Pragma": "no-cache",
+    "X-Robots-Tag": "noindex, nofollow, noarchive",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+}
+
+# Page strings: ja and en side by side, so a translation is never missing.
+T: dict[str, dict[str, str]] = {
+    "title.hold": {"ja": "送信保留中のメール", "en": "Message on hold"},
+    "title.confirm": {"ja": "送信確認", "en": "Confirm your message"},
+    "title.approve": {"ja": "送信承認", "en": "Approve this message"},
+    "title.pending": {"ja": "承認待ちのメール", "en": "Waiting for approval"},
+    "lead.hold": {
+        "ja": "このメールは {due} に自動的に送信されます。"
+        "送信をやめる場合は「取り消す」を押してください。",
+        "en": "This message will be sent automatically at {due}. Press “Cancel” to stop it.",
+    },
+    "lead.confirm": {
+        "ja": "宛先と添付ファイルを確認してください。{due} までに確認がない場合は{timeout}。",
+        "en": "Check the recipients and attachments. Without an answer by {due} it will be "
+        "{timeout}.",
+    },
+    "lead.approve": {
+        "ja": "{sender} さんのメールが承認を待っています。{due} までに判断がない場合は{timeout}。",
+        "en": "A message from {sender} is waiting for your approval. Without a decision by "
+        "{due} it will be {timeout}.",
+    },
+    "lead.pending": {
+        "ja": "承認者の承認後に送信されます。送信をやめる場合は「取り消す」を押してください。",
+        "en": "It will be sent once approved. Press “Cancel” to stop it.",
+    },
+    "timeout.send": {"ja": "送信されます", "en": "sent"},
+    "timeout.cancel": {"ja": "取り消されます", "en": "cancelled"},
+    "subject": {"ja": "件名", "en": "Subject"},
+    "from": {"ja": "差出人", "en": "From"},
+    "external": {"ja": "社外の宛先", "en": "External recipients"},
+    "internal": {"ja": "社内の宛先", "en": "Internal recipients"},
+    "findings": {"ja": "確認が必要な理由", "en": "Why this needs a look"},
+    "attachments": {"ja": "添付ファイル", "en": "Attachments"},
+    "none": {"ja": "なし", "en": "none"},
+    "reason": {
+        "ja": "コメント（任意。送信者に伝えられます）",
+        "en": "Comment (optional, sent to the sender)",
+    },
+    "btn.send": {"ja": "送信する", "en": "Send"},
+    "btn.cancel": {"ja": "取り消す", "en": "Cancel"},
+    "btn.approve": {"ja": "承認する", "en": "Approve"},
+    "btn.refuse": {"ja": "却下する", "en": "Refuse"},
+    "done.send": {
+        "ja": "送信しました。メールは配送中です。",
+        "en": "Sent. The message is on its way.",
+    },
+    "done.cancel": {
+        "ja": "取り消しました。このメールは送信されません。",
+        "en": "Cancelled. The message will not be sent.",
+    },
+    "done.approve": {
+        "ja": "承認しました。メールは送信され、送信者に通知されます。",
+        "en": "Approved. The message goes out and the sender is told.",
+    },
+    "done.refuse": {
+        "ja": "却下しました。メールは送信されず、送信者に通知されます。",
+        "en": "Refused. The message will not be sent and the sender is told.",
+    },
+    "gone.unknown": {
+        "ja": "このリンクは無効です。URL が途中で切れていないか確認してください。",
+        "en": "This link is not valid. Check that the address was not cut off.",
+    },
+    "gone.used": {
+        "ja": "このリンクはすでに使われています。",
+        "en": "This link has already been used.",
+    },
+    "gone.expired": {
+        "ja": "このリンクは有効期限が切れています。",
+        "en": "This link has expired.",
+    },
+    "gone.decided": {
+        "ja": "このメールについてはすでに決定済みです（状態: {state}）。",
+        "en": "This message has already been decided (state: {state}).",
+    },
+    "gone.limited": {
+        "ja": "無効なリンクへのアクセスが多すぎます。しばらくしてからお試しください。",
+        "en": "Too many invalid links from your address. Please try again later.",
+    },
+    "gone.stale": {
+        "ja": "ページの有効時間が過ぎました。ページを開き直してからもう一度押してください。",
+        "en": "This page is too old. Reload it and press the button again.",
+    },
+    "gone.forbidden": {
+        "ja": "この操作は受け付けられません。ページを開き直してください。",
+        "en": "This action was not accepted. Please reload the page.",
+    },
+    "state.held": {"ja": "保留中", "en": "held"},
+    "state.released": {"ja": "送信済み（配送待ち）", "en": "released for delivery"},
+    "state.delivering": {"ja": "配送中", "en": "being delivered"},
+    "state.delivered": {"ja": "配送済み", "en": "delivered"},
+    "state.cancelled": {"ja": "取り消し", "en": "cancelled"},
+    "state.expired": {"ja": "期限切れ", "en": "expired"},
+    "state.failed": {"ja": "配送失敗", "en": "failed"},
+    "switch": {"ja": "English", "en": "日本語"},
+    "footer": {
+        "ja": "このページは MailGuard（メール誤送信防止）が表示しています。",
+        "en": "This page is shown by MailGuard, the outgoing mail guard.",
+    },
+}
+
+
+def pick_lang(request: web.Request, default: str) -> str:
+    q = request.query.get("lang", "")
+    if q in ("ja", "en"):
+        return q
+    best: tuple[float, str] | None = None
+    for item in request.headers.get("Accept-Language", "").split(","):
+        tag, _, params = item.strip().partition(";")
+        m = re.search(r"q=([0-9.]+)", params)
+        try:
+            q_val = float(m[1]) if m else 1.0
+        except ValueError:
+            continue
+        base = tag.strip().lower()[:2]
+        if base in ("ja", "en") and (best is None or q_val > best[0]):
+            best = (q_val, base)
+    if best:
+        return best[1]
+    return "en" if default.startswith("en") else "ja"
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n = n / 1024  # type: ignore[assignment]
+    return f"{n} B"
+
+
+class RateLimiter:
+    """At most `limit` misses per `window` seconds per client address (unknown tokens)."""
+
+    def __init__(self, limit: int = 20, window: float = 600.0, max_clients: int = 10000) -> None:
+        self.limit = limit
+        self.window = window
+        self.max_clients = max_clients
+        self._hits: collections.OrderedDict[str, collections.deque[float]] = (
+            collections.OrderedDict()
+        )
+
+    def _trim(self, ip: str, now: float) -> collections.deque[float]:
+        q = self._hits.setdefault(ip, collections.deque())
+        while q and q[0] <= now - self.window:
+            q.popleft()
+        self._hits.move_to_end(ip)
+        while len(self._hits) > self.max_clients:
+            self._hits.popitem(last=False)
+        return q
+
+    def blocked(self, ip: str, now: float | None = None) -> bool:
+        if self.limit <= 0:
+            return False
+        return len(self._trim(ip, now or time.monotonic())) >= self.limit
+
+    def miss(self, ip: str, now: float | None = None) -> None:
+        self._trim(ip, now or time.monotonic()).append(now or time.monotonic())
+
+
+class RedactingAccessLogger(AbstractAccessLogger):
+    """aiohttp access log without tokens: /m/<token> is logged as /m/…"""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        path = re.sub(r"^/m/[^/?]+", "/m/…", request.path)
+        self.logger.info(
+            '%s "%s %s" %s %.3fs', request.remote, request.method, path, response.status, time
+        )
+
+
+class _Web:
+    def __init__(
+        self,
+        store: HeldStore,
+        service: HoldService,
+        secret: bytes,
+        admin_token: str,
+        lang_default: str,
+        limiter: RateLimiter,
+        upstream_check: Callable[[], Awaitable[bool]] | None,
+        on_change: Callable[[], None] | None,
+        min_dwell: float,
+        timezone: Any,
+        public_url: str,
+    ) -> None:
+        self.store = store
+        u = yarl.URL(public_url) if public_url else None
+        self.origins = (f"{u.scheme}://{u.raw_authority}",) if u and u.scheme else ()
+        self.service = service
+        self.secret = secret
+        self.admin_token = admin_token
+        self.lang_default = lang_default
+        self.limiter = limiter
+        self.upstream_check = upstream_check
+        self.on_change = on_change
+        self.min_dwell = min_dwell
+        self.tz = timezone
+        self.jinja = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+            autoescape=True,
+            undefined=jinja2.StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def csrf(self, token: str, action: str, issued: int | None = None) -> str:
+        issued = int(time.time()) if issued is None else issued
+        mac = hmac.new(self.secret, f"{token}|{action}|{issued}".encode(), hashlib.sha256)
+        return f"{issued}.{base64.urlsafe_b64encode(mac.digest()[:24]).decode()}"
+
+    def csrf_ok(self, token: str, action: str, value: str) -> str:
+        """ "" if fine, else "forbidden" or "stale"."""
+        issued_s, _, _ = value.partition(".")
+        if not issued_s.isdigit():
+            return "forbidden"
+        issued = int(issued_s)
+        if not hmac.compare_digest(self.csrf(token, action, issued), value):
+            return "forbidden"
+        age = time.time() - issued
+        if age > CSRF_MAX_AGE or age < -60:
+            return "stale"
+        if age < self.min_dwell:
+            return "forbidden"  # submitted faster than a person reads: a scanner
+        return ""
+
+    def when(self, d: datetime) -> str:
+        return d.astimezone(self.tz).strftime("%Y-%m-%d %H:%M %Z").strip()
+
+    def render(self, name: str, lang: str, status: int = 200, **ctx: Any) -> web.Response:
+        def t(key: str, **kw: Any) -> str:
+            s = T[key][lang]
+            return s.format(**kw) if kw else s
+
+        body = self.jinja.get_template(name).render(lang=lang, t=t, **ctx)
+        return web.Response(text=body, status=status, content_type="text/html", charset="utf-8")
+
+    def gone(self, lang: str, reason: str, held: Held | None = None) -> web.Response:
+        status = {"unknown": 404, "limited": 429, "forbidden": 403, "stale": 400}.get(reason, 410)
+        state = T[f"state.{held.state.value}"][lang] if held else ""
+        resp = self.render("gone.html.j2", lang, status, reason=reason, state=state)
+        if reason == "limited":
+            resp.headers["Retry-After"] = str(int(self.limiter.window))
+        return resp
+
+    # -- confirm pages -------------------------------------------------------------------------
+
+    async def page(self, request: web.Request) -> web.StreamResponse:
+        lang = pick_lang(request, self.lang_default)
+        ip = request.remote or "-"
+        if self.limiter.blocked(ip):
+            return self.gone(lang, "limited")
+        token = request.match_info["token"]
+        try:
+            view = await self.service.page(token)
+        except TokenError as e:
+            if e.reason == "unknown":
+                self.limiter.miss(ip)
+            return self.gone(lang, e.reason, e.held)
+        held = view.held
+        mode = held.gate if view.token.role == "sender" or held.gate != "approve" else "approve"
+        if held.gate == "approve" and view.token.role == "sender":
+            mode = "pending"
+        s = held.summary
+        ctx = {
+            "mode": mode,
+            "subject": s.get("subject", ""),
+            "sender": held.mail_from or s.get("from", ""),
+            "external": list(s.get("external", [])),
+            "internal": list(s.get("internal", [])),
+            "findings": [
+                f.get("reason_ja" if lang == "ja" else "reason_en", "")
+                for f in s.get("findings", [])
+            ],
+            "attachments": [
+                {
+                    "filename": a.get("filename", "") or "(no name)",
+                    "size": human_size(int(a.get("size", 0) or 0)),
+                    "content_type": a.get("content_type", ""),
+                }
+                for a in s.get("attachments", [])
+            ],
+            "due": self.when(held.due),
+            "timeout": "send" if held.on_timeout == "send" else "cancel",
+            "actions": view.actions,
+            "csrf": {a: self.csrf(token, a) for a in view.actions},
+            "other_lang": "en" if lang == "ja" else "ja",
+        }
+        return self.render("page.html.j2", lang, **ctx)
+
+    async def act(self, request: web.Request) -> web.StreamResponse:
+        lang = pick_lang(request, self.lang_default)
+        ip = request.remote or "-"
+        if self.limiter.blocked(ip):
+            return self.gone(lang, "limited")
+        origin = request.headers.get("Origin")
+        if origin not in (None, "null", *self.origins, f"{request.scheme}://{request.host}"):
+            return self.gone(lang, "forbidden")  # a form on some other site posting here
+        token = request.match_info["token"]
+        form = await request.post()
+        action = str(form.get("action", ""))
+        lang = str(form.get("lang", "")) if form.get("lang") in ("ja", "en") else lang
+        if action not in ("send", "cancel", "approve", "refuse"):
+            return self.gone(lang, "forbidden")
+        bad = self.csrf_ok(token, action, str(form.get(f"csrf_{action}", "")))
+        if bad:
+            return self.gone(lang, bad)
+        try:
+            await self.service.act(token, action, reason=str(form.get("reason", "")), client=ip)
+        except TokenError as e:
+            if e.reason == "unknown":
+                self.limiter.miss(ip)
+            return self.gone(lang, e.reason, e.held)
+        except ValueError:
+            return self.gone(lang, "forbidden")
+        if self.on_change is not None and action in ("send", "approve"):
+            self.on_change()
+        return self.render("done.html.j2", lang, action=action)
+
+    # -- admin API -----------------------------------------------------------------------------
+
+    def _auth(self, request: web.Request) -> web.Response | None:
+        if not self.admin_token:
+            return web.json_response(
+                {"error": "admin API disabled (no web.admin_token)"}, status=403
+            )
+        got = request.headers.get("Authorization", "")
+        want = f"Bearer {self.admin_token}"
+        if not hmac.compare_digest(got.encode(), want.encode()):
+            return web.json_response(
+                {"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": "Bearer"}
+            )
+        return None
+
+    async def api_list(self, request: web.Request) -> web.StreamResponse:
+        if (denied := self._auth(request)) is not None:
+            return denied
+        q = request.query
+        try:
+            state = State(q["state"]) if q.get("state") else None
+            since = datetime.fromisoformat(q["since"]) if q.get("since") else None
+            limit = int(q.get("limit", "50"))
+        except ValueError as e:
+            return web.json_response({"error": str(e)}, status=400)
+        page = await self.store.list_messages(
+            state=state,
+            sender=q.get("sender") or None,
+            since=since,
+            before=q.get("before") or None,
+            limit=limit,
+        )
+        return web.json_response({"items": [h.to_json() for h in page.items], "next": page.next})
+
+    async def api_show(self, request: web.Request) -> web.StreamResponse:
+        if (denied := self._auth(request)) is not None:
+            return denied
+        msg_id = request.match_info["id"]
+        held = await self.store.get(msg_id)
+        if held is None:
+            return web.json_response({"error": "no such message"}, status=404)
+        notices = await self.store.notices_for(msg_id)
+        return web.json_response(
+            {
+                "message": {
+                    **held.to_json(),
+                    "summary": dict(held.summary),
+                    "decision": dict(held.decision),
+                },
+                "audit": [a.to_json() for a in await self.store.audit(msg_id)],
+                "notices": [
+                    {
+                        "kind": n.kind,
+                        "to": list(n.to),
+                        "state": n.state,
+                        "attempts": n.attempts,
+                        "last_reply": n.last_reply,
+                    }
+                    for n in notices
+                ],
+            }
+        )
+
+    async def api_move(self, request: web.Request) -> web.StreamResponse:
+        if (denied := self._auth(request)) is not None:
+            return denied
+        msg_id, verb = request.match_info["id"], request.match_info["verb"]
+        why = ""
+        if request.can_read_body:
+            try:
+                body = await request.json()
+                why = str(body.get("why", "")) if isinstance(body, Mapping) else ""
+            except ValueError:
+                return web.json_response({"error": "body must be JSON"}, status=400)
+        by = f"api:{request.remote or '-'}"
+        try:
+            if verb == "release":
+                held = await self.service.release(msg_id, by=by, why=why or "released by admin")
+                if self.on_change is not None:
+                    self.on_change()
+            else:
+                held = await self.service.cancel(msg_id, by=by, why=why or "cancelled by admin")
+        except TransitionError as e:
+            status = 404 if e.current is None else 409
+            return web.json_response({"error": str(e)}, status=status)
+        return web.json_response(held.to_json())
+
+    async def healthz(self, request: web.Request) -> web.StreamResponse:
+        store_ok = await self.store.ping()
+        up: bool | None = None
+        if self.upstream_check is not None:
+            try:
+                up = bool(await self.upstream_check())
+            except Exception:
+                up = False
+        ok = store_ok and up is not False
+        return web.json_response(
+            {"ok": ok, "store": store_ok, "upstream": up}, status=200 if ok else 503
+        )
+
+
+WEB_KEY: web.AppKey[_Web] = web.AppKey("mailguard.web", _Web)
+
+
+async def robots(request: web.Request) -> web.StreamResponse:
+    return web.Response(text="User-agent: *\nDisallow: /\n")
+
+
+@web.middleware
+async def security_headers(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        resp = await handler(request)
+    except web.HTTPException as e:
+        resp = e
+    except StoreError as e:  # the page must not leak internals; nothing changed either
+        log.error("store unavailable for %s %s: %s", request.method, request.path[:3], e)
+        resp = web.Response(
+            status=503,
+            text="MailGuard: temporarily unavailable, try again\n",
+            headers={"Retry-After": "30"},
+        )
+    for k, v in SECURITY_HEADERS.items():
+        resp.headers.setdefault(k, v)
+    if isinstance(resp, web.HTTPException):
+        raise resp
+    return resp
+
+
+def make_app(
+    store: HeldStore,
+    service: HoldService,
+    *,
+    secret: bytes | str = b"",
+    admin_token: str = "",
+    public_url: str = "",
+    lang_default: str = "ja",
+    rate_limit: tuple[int, float] = (20, 600.0),
+    upstream_check: Callable[[], Awaitable[bool]] | None = None,
+    on_change: Callable[[], None] | None = None,
+    min_dwell: float = 0.0,
+    timezone: str = "Asia/Tokyo",
+) -> web.Application:
+    """The aiohttp application. `secret` "" = random per start (pages outlive no restart);
+    `on_change` is called after a release (pass Scheduler.wake); `min_dwell` > 0 refuses a POST
+    that follows its page faster than a person could read it."""
+    from zoneinfo import ZoneInfo
+
+    key = secret.encode() if isinstance(secret, str) else secret
+    try:
+        tz: Any = ZoneInfo(timezone)
+    except Exception:
+        tz = None
+    w = _Web(
+        store,
+        service,
+        key or secrets.token_bytes(32),
+        admin_token,
+        lang_default,
+        RateLimiter(*rate_limit),
+        upstream_check,
+        on_change,
+        min_dwell,
+        tz,
+        public_url,
+    )
+    app = web.Application(middlewares=[security_headers], client_max_size=64 * 1024)
+    app[WEB_KEY] = w
+    app.router.add_get(f"/m/{{token:{TOKEN_RE}}}", w.page)
+    app.router.add_post(f"/m/{{token:{TOKEN_RE}}}", w.act)
+    app.router.add_get("/api/messages", w.api_list)
+    app.router.add_get("/api/messages/{id}", w.api_show)
+    app.router.add_post("/api/messages/{id}/{verb:release|cancel}", w.api_move)
+    app.router.add_get("/healthz", w.healthz)
+    app.router.add_get("/robots.txt", robots)
+    return app
+
+
+async def start_web(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Serve `app` with the token-redacting access log; returns the runner (await cleanup())."""
+    runner = web.AppRunner(
+        app,
+        access_log_class=RedactingAccessLogger,
+        access_log=logging.getLogger("mailguard.web.access"),
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    return runner

@@ -1,0 +1,206 @@
+"""SqliteStore on real files: durability settings, transitions, audit, tokens, leases, paging."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from mailguard.errors import StoreError
+from mailguard.queue.service import hash_token, new_token
+from mailguard.queue.sqlite import SqliteStore
+from mailguard.queue.store import (
+    ALLOWED,
+    TERMINAL,
+    Held,
+    NewNotice,
+    NewToken,
+    State,
+    TokenError,
+    TransitionError,
+    new_id,
+)
+
+T0 = datetime(2025, 4, 1, 9, 0, tzinfo=UTC)
+
+
+def held(now: datetime = T0, *, due: timedelta = timedelta(minutes=5), **kw: object) -> Held:
+    base: dict[str, object] = dict(
+        id=new_id(now),
+        state=State.HELD,
+        gate="hold",
+        mail_from="taro@example.co.jp",
+        rcpt_tos=("a@partner.co.jp",),
+        created=now,
+        due=now + due,
+        summary={"subject": "月次報告"},
+        decision={"action": "hold", "rules": ["cool-down"]},
+    )
+    base.update(kw)
+    return Held(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio
+async def test_put_is_durable_and_survives_reopen(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    h = held()
+    async with SqliteStore(db) as s:
+        await s.put(h, b"raw bytes\r\n")
+    # A different connection (another process, after a restart) sees the committed row.
+    c = sqlite3.connect(db)
+    assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert c.execute("SELECT state FROM held WHERE id = ?", (h.id,)).fetchone()[0] == "held"
+    c.close()
+    async with SqliteStore(db) as s2:
+        got = await s2.get(h.id)
+        assert got is not None and got.state is State.HELD
+        assert got.summary["subject"] == "月次報告"
+        assert await s2.raw(h.id) == b"raw bytes\r\n"
+        (entry,) = await s2.audit(h.id)
+        assert (entry.from_state, entry.to_state, entry.by) == (None, State.HELD, "smtp")
+
+
+@pytest.mark.asyncio
+async def test_synchronous_full_on_the_writer(tmp_path: Path) -> None:
+    async with SqliteStore(tmp_path / "q.db") as s:
+        sync = await s._run(lambda: s._c.execute("PRAGMA synchronous").fetchone()[0])
+    assert sync == 2  # FULL
+
+
+@pytest.mark.asyncio
+async def test_transitions_follow_allowed_and_are_audited(tmp_path: Path) -> None:
+    async with SqliteStore(tmp_path / "q.db") as s:
+        h = held()
+        await s.put(h, b"x")
+        with pytest.raises(TransitionError):
+            await s.move(h.id, State.DELIVERED, now=T0, by="t", why="skip")
+        await s.move(h.id, State.RELEASED, now=T0, by="cli:root", why="looks fine")
+        with pytest.raises(TransitionError):  # expect guards a race with another actor
+            await s.move(
+                h.id, State.CANCELLED, now=T0, by="t", why="", expect=frozenset({State.HELD})
+            )
+        await s.move(h.id, State.CANCELLED, now=T0, by="api", why="changed my mind")
+        assert await s.raw(h.id) is None  # content dropped at a terminal state
+        with pytest.raises(TransitionError):
+            await s.move(h.id, State.RELEASED, now=T0, by="t", why="")
+        with pytest.raises(TransitionError) as e:
+            await s.move("NOSUCHID", State.RELEASED, now=T0, by="t", why="")
+        assert e.value.current is None
+        trail = [(a.from_state, a.to_state, a.by, a.why) for a in await s.audit(h.id)]
+    assert trail == [
+        (None, State.HELD, "smtp", ""),
+        (State.HELD, State.RELEASED, "cli:root", "looks fine"),
+        (State.RELEASED, State.CANCELLED, "api", "changed my mind"),
+    ]
+    assert all(not ALLOWED[t] for t in TERMINAL)
+
+
+@pytest.mark.asyncio
+async def test_tokens_stored_as_hashes_single_use_and_expiring(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    async with SqliteStore(db) as s:
+        h1, h2 = held(), held(T0 + timedelta(seconds=1))
+        t1, hash1 = new_token()
+        t2, hash2 = new_token()
+        assert len(t1) >= 22 and hash1 == hash_token(t1)  # ≥ 128 bits of token_urlsafe
+        await s.put(h1, b"1", [NewToken(hash1, "sender", "taro@example.co.jp", h1.due)])
+        await s.put(h2, b"2", [NewToken(hash2, "sender", "taro@example.co.jp", h2.due)])
+        with pytest.raises(TokenError) as e:
+            await s.redeem(
+                hash_token("nope" * 8), State.RELEASED, now=T0, action="send", by="sender", why=""
+            )
+        assert e.value.reason == "unknown"
+        out = await s.redeem(hash1, State.RELEASED, now=T0, action="send", by="sender", why="ok")
+        assert out.state is State.RELEASED
+        with pytest.raises(TokenError) as e:
+            await s.redeem(hash1, State.CANCELLED, now=T0, action="cancel", by="sender", why="")
+        assert e.value.reason == "used"
+        with pytest.raises(TokenError) as e:
+            await s.redeem(hash2, State.RELEASED, now=h2.due, action="send", by="s", why="")
+        assert e.value.reason == "expired"
+        assert (await s.get(h2.id)).state is State.HELD  # type: ignore[union-attr]
+    raw_db = db.read_bytes() + (
+        db.with_suffix(".db-wal").read_bytes() if db.with_suffix(".db-wal").exists() else b""
+    )
+    assert t1.encode() not in raw_db and t2.encode() not in raw_db
+
+
+@pytest.mark.asyncio
+async def test_claim_lease_and_crash_recovery(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    async with SqliteStore(db) as s:
+        h = held()
+        await s.put(h, b"x")
+        await s.move(h.id, State.RELEASED, now=T0, by="t", why="")
+        (c,) = await s.claim_deliveries(T0, T0 + timedelta(minutes=10), "w1")
+        assert c.state is State.DELIVERING and c.attempts == 1
+        # While the lease runs nobody else may take it.
+        assert await s.claim_deliveries(T0 + timedelta(minutes=5), T0, "w2") == []
+    # "Crash": reopen; after the lease runs out the message comes back exactly once.
+    async with SqliteStore(db) as s:
+        later = T0 + timedelta(minutes=11)
+        (c2,) = await s.claim_deliveries(later, later + timedelta(minutes=10), "w2")
+        assert c2.id == h.id and c2.attempts == 2
+        assert await s.claim_deliveries(later, later, "w3") == []
+        assert await s.recover_leases(later) == 1
+        (c3,) = await s.claim_deliveries(later, later + timedelta(minutes=10), "w3")
+        assert c3.attempts == 3
+        whys = [a.why for a in await s.audit(h.id)]
+        assert whys.count("lease ran out (crash?)") == 2
+
+
+@pytest.mark.asyncio
+async def test_notices_claim_scrub_and_retry(tmp_path: Path) -> None:
+    async with SqliteStore(tmp_path / "q.db") as s:
+        n = NewNotice("zip-password", ("b@partner.co.jp",), {"password": "S3cret!"}, T0)
+        later = NewNotice(
+            "zip-password", ("b@partner.co.jp",), {"password": "x"}, T0 + timedelta(minutes=5)
+        )
+        await s.add_notices([n, later])
+        (p,) = await s.claim_notices(T0, T0 + timedelta(minutes=1))
+        assert p.data["password"] == "S3cret!"
+        assert await s.claim_notices(T0, T0) == []  # leased
+        await s.finish_notice(
+            p.id, now=T0, sent=False, reply="451 busy", retry_at=T0 + timedelta(seconds=30)
+        )
+        (p2,) = await s.claim_notices(T0 + timedelta(seconds=30), T0 + timedelta(minutes=1))
+        assert p2.id == p.id and p2.attempts == 2
+        await s.finish_notice(p.id, now=T0, sent=True, reply="250 ok", retry_at=None)
+        rows = await s._run(lambda: s._c.execute("SELECT data, state FROM notice").fetchall())
+        assert ("{}", "sent") in [tuple(r) for r in rows]  # password gone from disk
+
+
+@pytest.mark.asyncio
+async def test_list_filters_and_keyset_pages(tmp_path: Path) -> None:
+    async with SqliteStore(tmp_path / "q.db") as s:
+        ids = []
+        for i in range(7):
+            h = held(
+                T0 + timedelta(seconds=i),
+                mail_from="hanako@example.co.jp" if i % 2 else "taro@example.co.jp",
+            )
+            ids.append(h.id)
+            await s.put(h, b"x")
+        await s.move(ids[0], State.CANCELLED, now=T0, by="t", why="")
+        p1 = await s.list_messages(limit=3)
+        p2 = await s.list_messages(limit=3, before=p1.next)
+        p3 = await s.list_messages(limit=3, before=p2.next)
+        seen = [h.id for p in (p1, p2, p3) for h in p.items]
+        assert seen == ids[::-1] and p3.next is None
+        assert [h.id for h in (await s.list_messages(state=State.CANCELLED)).items] == [ids[0]]
+        assert len((await s.list_messages(sender="hanako@example.co.jp")).items) == 3
+        assert len((await s.list_messages(since=T0 + timedelta(seconds=5))).items) == 2
+        assert await s.count(State.HELD) == 6
+
+
+@pytest.mark.asyncio
+async def test_closed_or_unusable_store_raises_store_error(tmp_path: Path) -> None:
+    s = SqliteStore(tmp_path / "q.db")
+    with pytest.raises(StoreError):
+        await s.put(held(), b"x")  # not open
+    (tmp_path / "dir.db").mkdir()
+    with pytest.raises(StoreError):
+        await SqliteStore(tmp_path / "dir.db").open()
+    assert await s.ping() is False
