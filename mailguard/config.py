@@ -74,7 +74,9 @@ def parse_duration(value: int | float | str) -> float:
 @dataclass(frozen=True, slots=True)
 class SmtpConfig:
     listen: HostPort = ("127.0.0.1", 10025)
-    hostname: str = ""  # EHLO name; "" = the machine's FQDN
+    # Greeting/EHLO name. Must differ from Postfix's myhostname: Postfix refuses a next hop that
+    # greets with its own name ("loops back to myself").
+    hostname: str = "mailguard.localdomain"
     # No open relay: only these client networks may connect.
     allowed_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     max_message_size: int = 50 << 20  # 552 above it; 0 = no limit
