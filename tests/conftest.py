@@ -188,3 +188,10 @@ def start_serve(args: list[str], *, cwd: Path | None = None, log: Path) -> subpr
     return subprocess.Popen(
         [*mailguard_cmd(), "serve", *args], stdout=fh, stderr=subprocess.STDOUT, cwd=cwd or ROOT
     )
+
+
+def missing_tool(what: str) -> None:
+    """Skip for a missing external tool, unless CI said every tool must be there."""
+    if os.environ.get("MAILGUARD_REQUIRE_TOOLS"):
+        pytest.fail(f"{what} is required (MAILGUARD_REQUIRE_TOOLS is set)")
+    pytest.skip(what)

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import pyzipper
+from conftest import missing_tool
 
 from mailguard.actions import ClamdScanner, ScanRejected, apply_all
 from mailguard.actions.passwords import DEFAULT_ALPHABET, generate_password
@@ -160,7 +161,7 @@ def _extract(tool: str, archive: Path, password: str, dest: Path) -> subprocess.
 )
 def test_zip_opens_in_real_tools(method: str, charset: str, tool: str, tmp_path: Path) -> None:
     if (UNZIP if tool == "unzip" else SEVENZ) is None:
-        pytest.skip(f"{tool} not installed (Debian: unzip / p7zip-full)")
+        missing_tool(f"{tool} not installed (Debian: unzip / p7zip-full)")
     res = zip_it(message(), method=method, filename_charset=charset)
     password = res.notices[0].data["password"]
     archive = tmp_path / "a.zip"

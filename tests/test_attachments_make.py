@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import missing_tool
 
 CT_XML = (
     '<?xml version="1.0" encoding="UTF-8" standalone="yes"?>'
@@ -25,7 +26,7 @@ CT_XML = (
 def need(tool: str) -> str:
     path = shutil.which(tool)
     if path is None:
-        pytest.skip(f"{tool} not installed")
+        missing_tool(f"{tool} not installed")
     return path
 
 

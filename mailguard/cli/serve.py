@@ -180,9 +180,7 @@ def _supervise(cfg: Config, args: argparse.Namespace) -> int:
     from mailguard.metrics import mark_process_dead, prepare_multiproc_dir
 
     # prometheus_client multi-process mode: worker 0 serves /metrics for all of them
-    mp_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or str(
-        cfg.store.path.parent / "metrics"
-    )
+    mp_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or str(cfg.store.path.parent / "metrics")
     prepare_multiproc_dir(mp_dir)
     for i in range(args.workers):
         spawn(i)

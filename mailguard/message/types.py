@@ -1,4 +1,4 @@
-"""Value types of the message view: addresses and MIME parts (shared by message, checks, actions)."""
+"""Value types of the message view: addresses and MIME parts (shared by checks and actions)."""
 
 from __future__ import annotations
 
