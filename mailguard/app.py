@@ -350,8 +350,12 @@ class Service(Server):
         codes = [f.code for f in out.findings]
         action = decision.action if decision is not None else "error"
         delivered = out.reply.ok and decision is not None and decision.action == "pass"
-        if delivered and view is not None and self.history is not None:
-            self.history.record(recipient_domains(view))
+        if delivered and self.history is not None:
+            blocks = getattr(out.verdict, "blocks", None)
+            if blocks and "domains" in blocks:  # the domain check listed every recipient domain
+                self.history.record(set(blocks["domains"]))
+            elif view is not None:
+                self.history.record(recipient_domains(view))
         if self.metrics is not None:
             m = self.metrics
             m.observe_message(
@@ -366,6 +370,8 @@ class Service(Server):
             if "relay" in out.stages:
                 m.relay_result(out.reply.code)
             m.smtp_reply(out.reply.code)
+        if not log.isEnabledFor(logging.INFO):
+            return
         line = message_log_line(
             queue_id=env.queue_id,
             mg_id=out.id,

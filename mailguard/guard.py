@@ -57,6 +57,7 @@ class Outcome:
     stages: dict[str, float]
     findings: tuple[Finding, ...] = ()  # all findings, also those no rule acted on
     error: str = ""
+    verdict: Any = None  # what the analyzer returned (analysis.Analysis in the server)
 
 
 def new_id() -> str:
@@ -97,6 +98,7 @@ class Guard:
         view = decision = None
         findings: tuple[Finding, ...] = ()
         error = ""
+        verdict: Any = None
         try:
             t = time.perf_counter()
             view = self.parse(msg.content, env)

@@ -195,12 +195,20 @@ class Server:
 
     async def run(self, *, grace: float = 30.0) -> int:
         """Start and serve until SIGTERM/SIGINT; SIGHUP reloads. Returns the exit code."""
-        await self.start()
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
+        started = asyncio.Event()
+
+        async def reload_when_started() -> None:
+            await started.wait()
+            await self.reload()
+
+        # Before start(): the port is open (and mail flows) while start() still awaits.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload_when_started()))
+        await self.start()
+        started.set()
         await stop.wait()
         log.info("stopping: no new connections, finishing transactions in flight")
         await self.stop(grace)

@@ -22,6 +22,7 @@ import ipaddress
 import logging
 import mmap
 import os
+import re
 import tempfile
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -99,6 +100,9 @@ _FRESH: dict[str, Any] = {
     "_tls_handshake_okay": True,
 }
 _TEMPLATES: dict[Any, dict[str, Any]] = {}
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_PLAIN_PATH = re.compile(rf"<((?:{_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})*)?)>\s*(.*)\Z")
 
 
 class GuardSMTP(SMTP):
@@ -206,6 +210,14 @@ class GuardSMTP(SMTP):
             attrs[name] = value[:255]
         self._xforward.update(attrs)
         await self.push("250 2.0.0 Ok")
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd builds a Protocol class and runs the email header parser on every MAIL and
+        # RCPT (≈ 0.3 ms each); plain <local@domain> forms take a regex, the rest the original.
+        m = _PLAIN_PATH.match(arg)
+        if m is not None and not self.local_part_limit:
+            return m.group(1) or "<>", m.group(2)
+        return super()._getaddr(arg)  # type: ignore[no-any-return]
 
     # -- MAIL: per-message network check --------------------------------------------------
     async def smtp_MAIL(self, arg: str | None) -> None:
@@ -425,7 +437,7 @@ class FrontHandler:
         session.host_name = hostname  # aiosmtpd leaves this to a 5-argument hook
         if server.xforward_enabled and responses and responses[-1].startswith("250 "):
             responses.insert(len(responses) - 1, "250-XFORWARD " + " ".join(XFORWARD_ATTRS))
-        return responses
+        return ["\r\n".join(responses)]  # one write, not one syscall per line
 
     async def handle_RCPT(
         self,

@@ -262,19 +262,22 @@ class SmtpTransport:
                     log.info(
                         "%s: upstream refused XFORWARD: %s %s", env.queue_id, r.code, r.message
                     )
-            await smtp.mail(env.mail_from, options=opts, encoding=encoding)
-        except aiosmtplib.SMTPSenderRefused as e:
-            await self._rset(smtp)
-            return Reply(e.code if e.code >= 500 else 451, e.message)
+            # straight commands: the envelope was parsed by our front already, and aiosmtplib's
+            # mail()/rcpt() re-parse each address with the email package (≈ 80 µs each)
+            r = await smtp.execute_command(
+                b"MAIL", b"FROM:" + _path(env.mail_from, encoding), *(o.encode() for o in opts)
+            )
         except (SMTPServerDisconnected, ConnectionError) as e:
             raise _Stale() from e
+        if r.code != 250:
+            await self._rset(smtp)
+            return Reply(r.code if r.code >= 500 else 451, r.message)
 
         refused: list[tuple[str, int, str]] = []
         for rcpt in env.rcpt_tos:
-            try:
-                await smtp.rcpt(rcpt, encoding=encoding)
-            except aiosmtplib.SMTPRecipientRefused as e:
-                refused.append((rcpt, e.code, e.message))
+            r = await smtp.execute_command(b"RCPT", b"TO:" + _path(rcpt, encoding))
+            if r.code not in (250, 251):
+                refused.append((rcpt, r.code, r.message))
         if refused:
             await self._rset(smtp)
             return _refusal_reply(refused, len(env.rcpt_tos))
@@ -288,8 +291,11 @@ class SmtpTransport:
         # Written straight to the protocol: see the module docstring for why not smtp.data().
         proto._response_pending = True  # arm the reply reader as execute_command does
         if wire is not None:
-            proto.write(wire)
-            proto.write(b".\r\n")
+            if len(wire) < 65536:
+                proto.write(wire + b".\r\n")  # one syscall; copying 64 KiB is cheaper
+            else:
+                proto.write(wire)
+                proto.write(b".\r\n")
         else:
             for piece in dot_stuff(raw):
                 proto.write(piece)
@@ -307,6 +313,16 @@ class SmtpTransport:
     async def _rset(self, smtp: aiosmtplib.SMTP) -> None:
         with contextlib.suppress(Exception):
             await smtp.rset()
+
+
+def _path(addr: str, encoding: str) -> bytes:
+    """An SMTP reverse/forward path: <addr>; the null sender stays <>."""
+    a = addr.strip()
+    if a in ("", "<>"):
+        return b"<>"
+    if not (a.startswith("<") and a.endswith(">")):
+        a = f"<{a}>"
+    return a.encode(encoding, "surrogateescape")
 
 
 class _Stale(Exception):
