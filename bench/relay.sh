@@ -4,6 +4,7 @@
 #
 #   bench/relay.sh [--workers N] [--policy FILE] [--sizes "5120 1048576"] [--concs "1 20 100"]
 #                  [--runs 3] [--count-small 2000] [--count-large 200] [--reuse]
+#                  [--port 10025] [--sink-port 12526]
 #
 # Prints one line per cell and a table: size, conc, direct msg/s, relay msg/s, ratio, relay CPU%.
 set -euo pipefail
@@ -23,6 +24,7 @@ while [ $# -gt 0 ]; do
     --count-large) count_large=$2; shift 2;;
     --reuse) reuse="--reuse"; shift;;
     --port) port=$2; shift 2;;
+    --sink-port) sink_port=$2; shift 2;;
     *) echo "unknown option $1" >&2; exit 2;;
   esac
 done
@@ -43,7 +45,8 @@ done
 watch=("-w" "$pid"); for c in $(pgrep -P "$pid" || true); do watch+=("-w" "$c"); done
 
 median() { awk '/median/ { for (i=1;i<=NF;i++) if ($i ~ /^rate=/) { sub("rate=","",$i); print $i } }'; }
-cpu() { awk '/median/ { for (i=1;i<=NF;i++) if ($i ~ /^watch=/) { sub("watch=","",$i); print $i } }'; }
+cpu() { awk '!/median/ { for (i=1;i<=NF;i++) if ($i ~ /^watch=/) { sub("watch=","",$i); s+=$i; n++ } }
+             END { if (n) printf "%d", s/n }'; }
 printf "%-8s %-5s %10s %10s %7s %9s\n" size conc direct relay ratio relay_cpu% > "$tmp/table"
 for size in $sizes; do
   count=$count_small; [ "$size" -ge 100000 ] && count=$count_large

@@ -87,7 +87,11 @@ class HistoryCache:
                 n = fresh.get(d, 0)
                 self._counts[d] = (n, now)
                 known[d] = n
-        frequent = await asyncio.to_thread(self.history.frequent)
+        h = self.history
+        if h._frequent is None or now - h._frequent_at >= h._frequent_refresh:
+            frequent = await asyncio.to_thread(h.frequent)  # SQL at most every few minutes
+        else:
+            frequent = h._frequent  # cached: no thread hop per message
         return HistorySnapshot(known, frequent)
 
     def record(self, domains: set[str]) -> None:

@@ -122,14 +122,17 @@ class SmtpTransport:
         smtp = aiosmtplib.SMTP(
             hostname=self.host,
             port=self.port,
-            timeout=self.command_timeout,
+            # no per-call wait_for (a task and a timer per command in 3.11): _transaction puts
+            # one asyncio.timeout around each phase instead
+            timeout=None,
             local_hostname=self.local_hostname,
             start_tls=False,
             use_tls=False,
         )
         try:
             await smtp.connect(timeout=self.connect_timeout)
-            await smtp.ehlo()
+            async with asyncio.timeout(self.command_timeout):
+                await smtp.ehlo()
         except BaseException:
             smtp.close()
             raise
@@ -189,7 +192,8 @@ class SmtpTransport:
         except (OSError, aiosmtplib.SMTPException, TimeoutError):
             return False
         try:
-            await conn.smtp.noop()
+            async with asyncio.timeout(self.command_timeout):
+                await conn.smtp.noop()
         except (OSError, aiosmtplib.SMTPException, TimeoutError):
             self._discard(conn)
             return False
@@ -243,6 +247,22 @@ class SmtpTransport:
     async def _transaction(
         self, conn: _Conn, env: Envelope, raw: bytes, wire: bytes | None
     ) -> Reply:
+        """Envelope commands under command_timeout, then the data under data_timeout."""
+        try:
+            async with asyncio.timeout(self.command_timeout):
+                reply = await self._envelope(conn, env, raw, wire)
+            if reply is not None:
+                return reply
+            async with asyncio.timeout(self.data_timeout):
+                return await self._data(conn, raw, wire)
+        except TimeoutError:
+            conn.smtp.close()  # mid-command: the session is out of step, never reuse it
+            raise
+
+    async def _envelope(
+        self, conn: _Conn, env: Envelope, raw: bytes, wire: bytes | None
+    ) -> Reply | None:
+        """MAIL, RCPT…, DATA; a Reply when the transaction ends here, None to send the data."""
         smtp = conn.smtp
         opts: list[str] = []
         if conn.size:
@@ -286,7 +306,10 @@ class SmtpTransport:
         if r.code != 354:
             await self._rset(smtp)
             return Reply(r.code if r.code >= 500 else 451, r.message)
-        proto = smtp.protocol
+        return None
+
+    async def _data(self, conn: _Conn, raw: bytes, wire: bytes | None) -> Reply:
+        proto = conn.smtp.protocol
         assert proto is not None
         # Written straight to the protocol: see the module docstring for why not smtp.data().
         proto._response_pending = True  # arm the reply reader as execute_command does
@@ -301,11 +324,7 @@ class SmtpTransport:
                 proto.write(piece)
                 await proto._drain_helper()
             proto.write(b".\r\n")
-        try:
-            final = await proto.read_response(timeout=self.data_timeout)
-        except aiosmtplib.SMTPTimeoutError:
-            smtp.close()
-            raise
+        final = await proto.read_response()
         if final.code == 250:
             return Reply(250, final.message)
         return Reply(final.code if final.code >= 500 else 451, final.message)
