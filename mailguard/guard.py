@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from mailguard.checks.finding import Finding
@@ -39,6 +39,10 @@ class Keeper(Protocol):
 
     async def keep(
         self, env: Envelope, raw: bytes, decision: Decision, summary: dict[str, Any]
+    ) -> Reply: ...
+
+    async def keep_split(
+        self, parts: list[tuple[Envelope, bytes]], decision: Decision, summary: dict[str, Any]
     ) -> Reply: ...
 
     async def send_notices(self, notices: Any, env: Envelope) -> list[int]: ...
@@ -136,6 +140,7 @@ class Guard:
         raw: Any = msg.content
         wire = msg.wire
         notices: tuple[Any, ...] = ()
+        splits: tuple[tuple[tuple[str, ...], bytes], ...] = ()
         if decision.transforms:
             if self.rewrite is None:
                 # never 250-and-drop: without the rewrite stage the message waits at Postfix
@@ -148,6 +153,7 @@ class Guard:
             t = time.perf_counter()
             raw, result = await self.rewrite(bytes(raw), view, decision)
             notices = tuple(getattr(result, "notices", ()))
+            splits = tuple(getattr(result, "splits", ()))
             trace = getattr(result, "trace", "")
             if trace:
                 log.info("%s: rewritten: %s", env.queue_id, trace)
@@ -163,7 +169,22 @@ class Guard:
         # not go out: a password never leaves for mail that was not sent.
         t = time.perf_counter()
         notice_ids = await self.keeper.send_notices(notices, env) if notices else []  # type: ignore[union-attr]
-        if keep:
+        if splits:
+            # one delivery per recipient group (per-domain passwords): each part is stored and
+            # sent by the scheduler; several in-transaction relays could half-succeed
+            if self.keeper is None:
+                return Reply(451, "4.3.0 MailGuard: queue not available, try again later")
+            parts = [(replace(env, rcpt_tos=list(rcpts)), sraw) for rcpts, sraw in splits]
+            summary = summarize(view, decision)
+            if keep:  # each part waits for its own release (one confirm link per domain)
+                for penv, praw in parts:
+                    reply = await self.keeper.keep(penv, praw, decision, summary)
+                    if not reply.ok:
+                        break  # 451: the client retries; parts already kept may go twice
+            else:
+                reply = await self.keeper.keep_split(parts, decision, summary)
+            stages["store"] = time.perf_counter() - t
+        elif keep:
             assert self.keeper is not None
             reply = await self.keeper.keep(env, bytes(raw), decision, summarize(view, decision))
             stages["store"] = time.perf_counter() - t

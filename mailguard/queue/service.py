@@ -182,6 +182,50 @@ class HoldService:
             f"2.0.0 Ok: held as {held.id} ({held.gate} until {due.strftime('%Y-%m-%dT%H:%M:%SZ')})",
         )
 
+    async def keep_split(
+        self,
+        parts: Sequence[tuple[Envelope, bytes]],
+        decision: Decision,
+        summary: Mapping[str, Any],
+    ) -> Reply:
+        """Store one message as several deliveries (per-domain zip passwords), due at once.
+
+        Each part is committed before the 250; the scheduler sends them within a tick. If a
+        later part fails to commit, 451: the client retries and earlier parts may go twice
+        (the at-least-once bound of docs/queue.md).
+        """
+        ids = []
+        try:
+            now = self.clock()
+            for env, raw in parts:
+                held = Held(
+                    id=new_id(now),
+                    state=State.HELD,
+                    gate=Gate.HOLD.label,
+                    mail_from=env.mail_from,
+                    rcpt_tos=tuple(env.rcpt_tos),
+                    created=now,
+                    due=now,
+                    on_timeout="send",
+                    queue_id=env.queue_id,
+                    envelope={
+                        "mail_options": list(env.mail_options),
+                        "rcpt_options": [list(o) for o in env.rcpt_options],
+                        "xforward": dict(env.xforward),
+                        "client_addr": env.client_addr,
+                    },
+                    decision=decision.to_json(),
+                    summary=dict(summary),
+                    size=len(raw),
+                )
+                await self.store.put(held, raw, [], [], by="smtp", why="split delivery")
+                ids.append(held.id)
+        except Exception:
+            log.exception("%s: store write failed for a split delivery, answering 451", "-")
+            return QUEUE_TEMPFAIL
+        log.info("%s: split into %d deliveries: %s", parts[0][0].queue_id, len(ids), ",".join(ids))
+        return Reply(250, f"2.0.0 Ok: queued as {len(ids)} deliveries ({', '.join(ids)})")
+
     def _links(
         self, held: Held, decision: Decision, now: datetime
     ) -> tuple[list[NewToken], list[NewNotice]]:
