@@ -109,6 +109,39 @@ def allowed_actions(info: TokenInfo, held: Held) -> tuple[str, ...]:
     return ("cancel",)
 
 
+def _new_held(
+    env: Envelope,
+    raw: bytes,
+    decision: Decision,
+    summary: Mapping[str, Any],
+    now: datetime,
+    due: datetime,
+    *,
+    gate: Gate | None = None,
+) -> Held:
+    gate = gate or decision.gate
+    return Held(
+        id=new_id(now),
+        state=State.HELD,
+        gate=gate.label,
+        mail_from=env.mail_from,
+        rcpt_tos=tuple(env.rcpt_tos),
+        created=now,
+        due=due,
+        on_timeout=decision.on_timeout if gate != Gate.HOLD else "send",
+        queue_id=env.queue_id,
+        envelope={
+            "mail_options": list(env.mail_options),
+            "rcpt_options": [list(o) for o in env.rcpt_options],
+            "xforward": dict(env.xforward),
+            "client_addr": env.client_addr,
+        },
+        decision=decision.to_json(),
+        summary=dict(summary),
+        size=len(raw),
+    )
+
+
 class HoldService:
     """Keeps messages and carries out decisions about them; the SMTP server, the web pages, the
     admin API and the CLI all go through it so every path records who and why."""
@@ -142,26 +175,7 @@ class HoldService:
         try:
             now = self.clock()
             due = now + (decision.hold_for or self.waits[decision.gate])
-            held = Held(
-                id=new_id(now),
-                state=State.HELD,
-                gate=decision.gate.label,
-                mail_from=env.mail_from,
-                rcpt_tos=tuple(env.rcpt_tos),
-                created=now,
-                due=due,
-                on_timeout=decision.on_timeout if decision.gate != Gate.HOLD else "send",
-                queue_id=env.queue_id,
-                envelope={
-                    "mail_options": list(env.mail_options),
-                    "rcpt_options": [list(o) for o in env.rcpt_options],
-                    "xforward": dict(env.xforward),
-                    "client_addr": env.client_addr,
-                },
-                decision=decision.to_json(),
-                summary=dict(summary),
-                size=len(raw),
-            )
+            held = _new_held(env, raw, decision, summary, now, due)
             tokens, notices = self._links(held, decision, now)
             await self.store.put(
                 held, raw, tokens, notices, by="smtp", why=", ".join(decision.rules) or "policy"
@@ -198,26 +212,7 @@ class HoldService:
         try:
             now = self.clock()
             for env, raw in parts:
-                held = Held(
-                    id=new_id(now),
-                    state=State.HELD,
-                    gate=Gate.HOLD.label,
-                    mail_from=env.mail_from,
-                    rcpt_tos=tuple(env.rcpt_tos),
-                    created=now,
-                    due=now,
-                    on_timeout="send",
-                    queue_id=env.queue_id,
-                    envelope={
-                        "mail_options": list(env.mail_options),
-                        "rcpt_options": [list(o) for o in env.rcpt_options],
-                        "xforward": dict(env.xforward),
-                        "client_addr": env.client_addr,
-                    },
-                    decision=decision.to_json(),
-                    summary=dict(summary),
-                    size=len(raw),
-                )
+                held = _new_held(env, raw, decision, summary, now, now, gate=Gate.HOLD)
                 await self.store.put(held, raw, [], [], by="smtp", why="split delivery")
                 ids.append(held.id)
         except Exception:
