@@ -234,9 +234,9 @@ class Service(Server):
     async def start(self) -> None:
         from mailguard.queue import HoldService, SqliteStore
 
+        # Everything a message needs is ready before the port opens: no 451 during start-up.
+        self.build()
         cfg = self.cfg
-        await super().start()
-        cfg = self.cfg  # as loaded by start()
         assert self.guard is not None and self.bundle is not None
         self.guard.rewrite = rewrite
         self._warm_up(self.bundle.policy)
@@ -248,6 +248,7 @@ class Service(Server):
         self.guard.keeper = self.hold
         if self.worker == 0:
             await self._start_worker0(cfg, public_url)
+        await self.listen()
 
     async def _start_worker0(self, cfg: Config, public_url: str) -> None:
         """Scheduler and web side run in one process only (one scheduler per store)."""

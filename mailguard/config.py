@@ -74,8 +74,8 @@ def parse_duration(value: int | float | str) -> float:
 @dataclass(frozen=True, slots=True)
 class SmtpConfig:
     listen: HostPort = ("127.0.0.1", 10025)
-    # Greeting/EHLO name. Must differ from Postfix's myhostname: Postfix refuses a next hop that
-    # greets with its own name ("loops back to myself").
+    # Greeting/EHLO name; differs from Postfix's myhostname so Received: lines and logs tell the
+    # guard and Postfix apart.
     hostname: str = "mailguard.localdomain"
     # No open relay: only these client networks may connect.
     allowed_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")

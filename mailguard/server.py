@@ -105,6 +105,11 @@ class Server:
 
     # -- life cycle -----------------------------------------------------------------------
     async def start(self) -> None:
+        self.build()
+        await self.listen()
+
+    def build(self) -> None:
+        """Load config and policy and build the pipeline; nothing listens yet."""
         if self._load is not None:
             self.cfg, self._analyzer = self._load()
         assert self._analyzer is not None, "an analyzer or a loader is required"
@@ -115,6 +120,9 @@ class Server:
         self.guard = Guard(
             self.transport, parse=self._parse, analyze=self._analyzer, observe=self._observe
         )
+
+    async def listen(self) -> None:
+        """Open the SMTP port: mail flows from here on."""
         loop = asyncio.get_running_loop()
         if self._sock is not None:
             self._server = await loop.create_server(self._factory, sock=self._sock)

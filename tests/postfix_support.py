@@ -71,9 +71,11 @@ def postfix_missing() -> str:
     """Why a private instance cannot run here ("" when it can)."""
     missing = [t for t in ("postfix", "postconf", "postqueue") if postfix_tool(t) is None]
     if missing or not Path("/usr/lib/postfix/sbin/master").exists():
-        return "Debian's postfix package is not installed (missing: " + (
-            ", ".join(missing) or "/usr/lib/postfix/sbin/master"
-        ) + ")"
+        return (
+            "Debian's postfix package is not installed (missing: "
+            + (", ".join(missing) or "/usr/lib/postfix/sbin/master")
+            + ")"
+        )
     if os.geteuid() != 0:
         return "a private Postfix instance needs root (its master runs as root)"
     return ""

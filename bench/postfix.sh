@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# Throughput behind a real Postfix: Postfix alone vs Postfix + MailGuard (after-queue
+# content_filter), measured in the same run, interleaved round by round.
+#
+#   sudo bench/postfix.sh [--rounds 3] [--sizes "5120 1048576"] [--conc 20]
+#                         [--count-small 1000] [--count-large 200] [--warmup 20]
+#                         [--scan-maxproc 20] [--workers 1] [--set NAME=VALUE]...
+#                         [--policies "observe default"] [--settle 180]
+#
+# Private Postfix instances (../shared/bench/postfix-harness.sh, never the system one), all
+# final delivery to the smtp-sink that ../shared/bench/relay-bench.sh starts per cell:
+#   alone:    smtp-source -> Postfix :12525 (relayhost) -> sink :12526
+#   observe:  smtp-source -> Postfix :12527 -> scan -> MailGuard :10025 -> Postfix :10026 -> sink
+#             (bench/policies/observe.toml: every check runs, no rule acts: all mail passes)
+#   default:  same on :12528 / :10027 / :10028 with policies/default.toml, example.net (the
+#             recipient domain smtp-source uses) added to trusted_domains: otherwise it is a
+#             look-alike of example.co.jp and every message would wait for confirmation.
+# Rates count messages until the sink has all of them (relay-bench --settle), one connection
+# per message, c20. Each round measures every path once per size; the ratio is taken within a
+# round (same machine load), and the table shows medians over the rounds.
+# --set passes a main.cf parameter to every instance (e.g. --set smtp_connection_cache_on_demand=no).
+# Needs root (Postfix's master) and Debian's postfix package (smtp-source, smtp-sink).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/.." && pwd)
+shared=${MAILGUARD_SHARED_BENCH:-$repo/../shared/bench}
+harness=$shared/postfix-harness.sh
+bench=$shared/relay-bench.sh
+rounds=3 sizes="5120 1048576" conc=20 count_small=1000 count_large=200 warmup=20
+scan_maxproc=20 workers=1 policies="observe default" settle=180 sets=()
+sink_port=12526
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --rounds) rounds=$2; shift 2;;
+    --sizes) sizes=$2; shift 2;;
+    --conc) conc=$2; shift 2;;
+    --count-small) count_small=$2; shift 2;;
+    --count-large) count_large=$2; shift 2;;
+    --warmup) warmup=$2; shift 2;;
+    --scan-maxproc) scan_maxproc=$2; shift 2;;
+    --workers) workers=$2; shift 2;;
+    --set) sets+=(--set "$2"); shift 2;;
+    --policies) policies=$2; shift 2;;
+    --settle) settle=$2; shift 2;;
+    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0;;
+    *) echo "unknown option $1 (see --help)" >&2; exit 2;;
+  esac
+done
+[ "$(id -u)" = 0 ] || { echo "postfix.sh: run as root (Postfix's master runs as root)" >&2; exit 2; }
+[ -x "$harness" ] && [ -x "$bench" ] || { echo "postfix.sh: $harness / $bench missing" >&2; exit 2; }
+# append, never prepend: /usr/bin first could hide the venv's python (harness README pitfalls)
+PATH=$PATH:/usr/sbin:/usr/bin:/sbin:/bin
+mailguard=${MAILGUARD:-$(command -v mailguard || echo "$repo/.venv/bin/mailguard")}
+[ -x "$mailguard" ] || { echo "postfix.sh: mailguard not found (set MAILGUARD)" >&2; exit 2; }
+
+tmp=$(mktemp -d /tmp/mg-pfbench.XXXXXX); chmod 755 "$tmp"
+pids=() dirs=()
+cleanup() {
+  local p d
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do
+    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null || true
+  done
+  for d in "${dirs[@]}"; do "$harness" stop --dir "$d" >/dev/null 2>&1 || true; done
+  rm -rf -- "$tmp"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+
+# --- Postfix alone --------------------------------------------------------------------------
+declare -A listen=([alone]=12525 [observe]=12527 [default]=12528)
+declare -A filter=([observe]=10025 [default]=10027)
+declare -A mgpid=()
+"$harness" start --mode plain --listen "127.0.0.1:${listen[alone]}" --sink "127.0.0.1:$sink_port" \
+  --dir "$tmp/alone" --no-install "${sets[@]}" >"$tmp/alone.start" 2>&1 \
+  || { cat "$tmp/alone.start" >&2; exit 1; }
+dirs+=("$tmp/alone")
+
+# --- Postfix + MailGuard, one instance per policy -------------------------------------------
+for pol in $policies; do
+  f=${filter[$pol]:?unknown policy variant $pol (observe, default)}
+  r=$((f + 1))
+  case "$pol" in
+    observe) policy=$repo/bench/policies/observe.toml ;;
+    default)
+      policy=$tmp/default.toml
+      sed 's/^trusted_domains = \[\(.*\)\]$/trusted_domains = [\1, "example.net"]/' \
+        "$repo/policies/default.toml" >"$policy"
+      grep -q '"example.net"' "$policy" || { echo "postfix.sh: could not add example.net to $policy" >&2; exit 1; } ;;
+  esac
+  "$mailguard" policy check "$policy" >/dev/null
+  "$harness" start --mode filter --listen "127.0.0.1:${listen[$pol]}" --filter "127.0.0.1:$f" \
+    --reinject "127.0.0.1:$r" --sink "127.0.0.1:$sink_port" --scan-maxproc "$scan_maxproc" \
+    --dir "$tmp/$pol" --no-install "${sets[@]}" >"$tmp/$pol.start" 2>&1 \
+    || { cat "$tmp/$pol.start" >&2; exit 1; }
+  dirs+=("$tmp/$pol")
+  printf '[smtp]\nhostname = "mailguard-bench.localhost"\n' >"$tmp/$pol.mg.toml"
+  "$mailguard" serve -c "$tmp/$pol.mg.toml" --listen "127.0.0.1:$f" --upstream "127.0.0.1:$r" \
+    --policy "$policy" --store "$tmp/$pol.db" --no-web --workers "$workers" \
+    --log-level warning >"$tmp/$pol.serve.log" 2>&1 &
+  mgpid[$pol]=$!; pids+=("$!")
+  wait_port "$f" || { cat "$tmp/$pol.serve.log" >&2; exit 1; }
+done
+
+# a field of the timed run's line (-r 1: one run; the median line repeats only the rate)
+field() { awk -v k="$1" '/ OK / && !/median/ { for (i=1;i<=NF;i++) if (index($i, k"=")==1) { sub(k"=","",$i); v=$i } } END { print v }'; }
+median() {  # $1 = printf format of the result
+  sort -n | awk -v f="${1:-%.0f}" '{a[NR]=$1} END { if (!NR) { print "-"; exit }
+    m = (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2; printf f "\n", m }'
+}
+: >"$tmp/results"   # round size path rate mg_cpu
+for round in $(seq "$rounds"); do
+  for size in $sizes; do
+    count=$count_small; [ "$size" -ge 100000 ] && count=$count_large
+    for path in alone $policies; do
+      watch=()
+      if [ "$path" != alone ]; then
+        watch=(-w "${mgpid[$path]}")
+        for c in $(pgrep -P "${mgpid[$path]}" || true); do watch+=(-w "$c"); done
+      fi
+      out=$("$bench" --target "127.0.0.1:${listen[$path]}" -p "$sink_port" -l "$size" -m "$count" \
+            -s "$conc" -r 1 -W "$warmup" -S "$settle" "${watch[@]}" --label "r$round $path " 2>&1) \
+        || { echo "$out" >&2; echo "postfix.sh: run failed (round $round, $path, $size)" >&2; exit 1; }
+      echo "$out" | grep -v median >&2
+      rate=$(echo "$out" | field rate); cpu=$(echo "$out" | field watch)
+      echo "$round $size $path $rate ${cpu:--}" >>"$tmp/results"
+    done
+  done
+done
+
+echo
+echo "Postfix $(postconf -d -h mail_version 2>/dev/null) alone vs + MailGuard (workers=$workers," \
+     "scan maxproc=$scan_maxproc${sets[*]:+, ${sets[*]}}), c$conc, one connection per message," \
+     "$rounds round(s), $(nproc) cores, $(date -u +%F)"
+printf "%-8s %-8s %9s %9s %7s %8s %10s   %s\n" size path "alone" "with_mg" ratio "mg_cpu%" \
+  "mg_ms/msg" "ratios per round"
+for size in $sizes; do
+  for pol in $policies; do
+    alone=$(awk -v s="$size" '$2==s && $3=="alone" {print $4}' "$tmp/results" | median)
+    with=$(awk -v s="$size" -v p="$pol" '$2==s && $3==p {print $4}' "$tmp/results" | median)
+    cpu=$(awk -v s="$size" -v p="$pol" '$2==s && $3==p && $5!="-" {print $5}' "$tmp/results" | median)
+    ratios=$(awk -v s="$size" -v p="$pol" '
+      $2==s && $3=="alone" {a[$1]=$4} $2==s && $3==p {m[$1]=$4}
+      END { for (r in m) if (a[r] > 0) printf "%.2f\n", m[r]/a[r] }' "$tmp/results" | sort -n)
+    ratio=$(echo "$ratios" | median %.2f)
+    msg_ms=$(awk -v c="$cpu" -v r="$with" 'BEGIN { if (r > 0 && c != "-") printf "%.1f", c * 10 / r; else print "-" }')
+    printf "%-8s %-8s %9s %9s %7s %8s %10s   %s\n" "$size" "$pol" "$alone" "$with" "$ratio" "$cpu" \
+      "$msg_ms" \
+      "$(echo "$ratios" | tr '\n' ' ')"
+  done
+done
+for pol in $policies; do
+  if grep -q Traceback "$tmp/$pol.serve.log"; then
+    echo "mailguard ($pol) logged tracebacks:" >&2; cat "$tmp/$pol.serve.log" >&2; exit 1
+  fi
+done
