@@ -371,15 +371,18 @@ def _long_line(buf: bytearray, start: int, more: bool) -> tuple[bool, int]:
 
 def _unstuff(wire: bytes) -> Incoming:
     """Remove the transparency dots (RFC 5321 4.5.2); keep the wire form when it can be reused."""
-    if b"\r\n." in wire or wire.startswith(b"."):
-        content = wire.replace(b"\r\n.", b"\r\n")
-        if wire.startswith(b"."):
-            content = content[1:]
-    else:
-        content = wire
-    crlf = wire.count(b"\r\n")
-    reusable = wire.count(b"\n") == crlf and wire.count(b"\r") == crlf
+    content = wire.replace(b"\r\n.", b"\r\n")  # the same object when there is no dot line
+    if wire.startswith(b"."):
+        content = content[1:]
+    # Bare CR or LF (not from Postfix, which normalises) must not go upstream as they came:
+    # one pass keeps only the line-end bytes, then the counts are cheap.
+    ends = wire.translate(None, _NOT_LINE_END)
+    crlf = ends.count(b"\r\n")
+    reusable = ends.count(b"\n") == crlf and ends.count(b"\r") == crlf
     return Incoming(content, wire if reusable else None)
+
+
+_NOT_LINE_END = bytes(i for i in range(256) if i not in (10, 13))
 
 
 def _spooled(spool: Any, tail: bytes) -> Incoming:
