@@ -282,6 +282,7 @@ class Service(Server):
                 lang_default=cfg.notify.lang.split("+")[0],
                 upstream_check=self._probe,
                 on_change=self.scheduler.wake,
+                min_dwell=cfg.web.min_dwell,
             )
             if self.metrics is not None:
                 metrics = self.metrics

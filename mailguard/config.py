@@ -84,6 +84,9 @@ class SmtpConfig:
     spool_dir: str = ""  # "" = the system temp dir
     max_recipients: int = 1000
     timeout: float = 300.0  # idle client, as Postfix's smtpd_timeout
+    # DATA must average this many bytes/s on top of `timeout` (Postfix's smtpd_min_data_rate):
+    # a client trickling a byte per (timeout - ε) is cut instead of holding a slot for ever.
+    min_data_rate: int = 500
     xforward: bool = True
 
 
@@ -115,6 +118,8 @@ class WebConfig:
     public_url: str = ""  # base of links in notices; "" = http://<listen>
     admin_token: str = ""  # "" = admin API disabled
     secret: str = ""  # CSRF/HMAC key; "" = random per start (pages outlive no restart)
+    # a POST sooner than this after its page was served is a scanner, not a person
+    min_dwell: float = 1.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +171,7 @@ _CONVERT: dict[tuple[str, str], Any] = {
     ("upstream", "data_timeout"): parse_duration,
     ("upstream", "idle_timeout"): parse_duration,
     ("dns", "timeout"): parse_duration,
+    ("web", "min_dwell"): parse_duration,
     ("store", "path"): Path,
 }
 _SECTIONS = {f.name: f for f in fields(Config) if f.name != "source"}

@@ -89,6 +89,7 @@ class Server:
             spool_threshold=s.spool_threshold,
             spool_dir=s.spool_dir or None,
             xforward=s.xforward,
+            min_data_rate=s.min_data_rate,
             data_size_limit=s.max_message_size or None,
             hostname=self._hostname,
             ident="MailGuard",
@@ -159,7 +160,7 @@ class Server:
             cfg = replace(cfg, smtp=replace(cfg.smtp, listen=self.cfg.smtp.listen))
         old_transport, old_cfg = self.transport, self.cfg
         self.cfg = cfg
-        self._networks = Networks(cfg.smtp.allowed_networks)
+        self._networks.update(cfg.smtp.allowed_networks)  # in place: open sessions see it
         self._hostname = cfg.smtp.hostname or socket.getfqdn()
         self._handler = FrontHandler(self._process, max_recipients=cfg.smtp.max_recipients)
         self._analyzer = analyzer

@@ -74,6 +74,10 @@ class Networks:
     """Allowed client networks; '*' entries are not supported on purpose (no open relay)."""
 
     def __init__(self, nets: Iterable[str]) -> None:
+        self.update(nets)
+
+    def update(self, nets: Iterable[str]) -> None:
+        """Replace the list in place: open connections see a reload at their next MAIL."""
         self.nets = tuple(ipaddress.ip_network(n, strict=False) for n in nets)
 
     def allows(self, peer: Any) -> bool:
@@ -116,6 +120,7 @@ class GuardSMTP(SMTP):
         spool_threshold: int = 8 << 20,
         spool_dir: str | None = None,
         xforward: bool = True,
+        min_data_rate: int = 500,
         **kw: Any,
     ) -> None:
         kw.setdefault("enable_SMTPUTF8", True)
@@ -125,7 +130,9 @@ class GuardSMTP(SMTP):
         self.spool_threshold = spool_threshold
         self.spool_dir = spool_dir or None
         self.xforward_enabled = xforward
+        self.min_data_rate = min_data_rate
         self._xforward: dict[str, str] = {}
+        self._pushes = 0
 
     def _fast_init(self, handler: Any, kw: dict[str, Any]) -> None:
         """aiosmtpd's __init__ costs ≈ 1.3 ms (inspect.getmembers over self and the handler, on
@@ -183,6 +190,14 @@ class GuardSMTP(SMTP):
     def _set_post_data_state(self) -> None:
         super()._set_post_data_state()
         self._xforward = {}  # XFORWARD applies to one transaction (XFORWARD_README)
+
+    async def push(self, status: Any) -> None:
+        await super().push(status)
+        # A client pipelining thousands of commands is served from the read buffer without the
+        # event loop ever running anyone else: let other sessions in every few replies.
+        self._pushes += 1
+        if self._pushes % 32 == 0:
+            await asyncio.sleep(0)
 
     # -- XFORWARD (announced in EHLO by FrontHandler.handle_EHLO) ---------------------------
     @syntax("XFORWARD attribute=value ...")
@@ -279,6 +294,9 @@ class GuardSMTP(SMTP):
         spooled = 0  # bytes already moved to the spool
         total = 0
         too_much = too_long = spool_error = False
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        rate = self.min_data_rate
         scan_from = 0  # position in buf where the terminator search resumes
         line_from = 0  # position in buf where the line-length scan resumes
         try:
@@ -286,7 +304,17 @@ class GuardSMTP(SMTP):
                 chunk = await reader.read(_READ)
                 if not chunk:
                     raise asyncio.CancelledError()  # EOF mid-DATA: nothing is accepted
-                self._reset_timeout()  # idle timeout, not a cap on a slow large upload
+                # idle timeout, capped by the overall DATA deadline (min_data_rate)
+                idle = self._timeout_duration
+                if rate:
+                    deadline = started + idle + (spooled + len(buf) + len(chunk)) / rate
+                    idle = min(idle, deadline - loop.time())
+                if idle <= 0:
+                    log.info("%r DATA too slow: closing", self.session.peer)  # type: ignore[union-attr]
+                    assert self.transport is not None
+                    self.transport.close()
+                    raise asyncio.CancelledError()
+                self._reset_timeout(idle)
                 buf += chunk
                 # the DATA line's CRLF counts as the terminator's first CRLF
                 if spooled == 0 and buf.startswith(b".\r\n"):

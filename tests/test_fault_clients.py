@@ -164,11 +164,6 @@ async def test_idle_in_data_is_cut(served: Served) -> None:
 
 
 @pytest.mark.asyncio
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: the DATA idle timer restarts on every read, so a client trickling one "
-    "byte per (timeout - ε) holds a connection for ever; needs a total DATA deadline",
-)
 async def test_slowloris_in_data_is_cut(served: Served) -> None:
     sess, _ = await connect(served.port)
     for cmd in (b"EHLO c\r\n", b"MAIL FROM:<a@x.jp>\r\n", b"RCPT TO:<b@y.jp>\r\n", b"DATA\r\n"):

@@ -58,11 +58,6 @@ async def test_pipelined_commands_from_outside_never_relay(sink: Any, guard_fact
     writer.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gap: GuardSMTP keeps the Networks object it was built with; Server.reload makes a "
-    "new one for new connections only, so the check at MAIL never sees a narrowed list",
-)
 @pytest.mark.asyncio
 async def test_networks_checked_again_at_mail_after_reload(sink: Any) -> None:
     """A connection opened while 127.0.0.2 was allowed is refused at MAIL once a reload has

@@ -187,6 +187,7 @@ async def _demo(args: argparse.Namespace) -> int:
                     f"GET on the link (as a link scanner would): HTTP {r.status}, "
                     f"still held: {held}",
                 )
+                await asyncio.sleep(cfg.web.min_dwell + 1)  # a person reads before clicking
                 form = dict(re.findall(r'name="(csrf_send|lang)" value="([^"]*)"', page))
                 form["action"] = "send"
                 async with http.post(url, data=urllib.parse.urlencode(form), headers={

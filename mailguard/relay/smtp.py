@@ -180,9 +180,14 @@ class SmtpTransport:
         """Close idle connections (QUIT, bounded); in-flight ones close when released."""
         self._closed = True
         idle, self._idle = self._idle, []
-        for conn in idle:
+
+        async def quit(conn: _Conn) -> None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.smtp.quit(), 2)
+                async with asyncio.timeout(2):  # a silent upstream must not delay shutdown
+                    await conn.smtp.quit()
+
+        await asyncio.gather(*(quit(c) for c in idle))
+        for conn in idle:
             self._discard(conn)
 
     async def probe(self) -> bool:
