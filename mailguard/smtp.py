@@ -298,6 +298,7 @@ class GuardSMTP(SMTP):
         started = loop.time()
         rate = self.min_data_rate
         scan_from = 0  # position in buf where the terminator search resumes
+        dotted = False  # a dot-stuffed line was seen: the content differs from the wire
         line_from = 0  # position in buf where the line-length scan resumes
         try:
             while True:
@@ -320,11 +321,10 @@ class GuardSMTP(SMTP):
                 if spooled == 0 and buf.startswith(b".\r\n"):
                     end, stop = 0, 3
                 else:
-                    end = buf.find(_TERM, scan_from)
+                    end, scan_from, saw = _find_end(buf, scan_from)
+                    dotted = dotted or saw
                     stop = end + 5
-                if end < 0:
-                    scan_from = max(0, len(buf) - 4)
-                else:
+                if end >= 0:
                     extra = bytes(buf[stop:])
                     del buf[end + 2 if stop > 3 else 0 :]
                     if extra:  # pipelined commands after the dot belong to the command loop
@@ -379,7 +379,7 @@ class GuardSMTP(SMTP):
                 return None, "552 5.3.4 Error: message size exceeds fixed maximum message size"
             return None, "500 5.5.2 Line too long (see RFC 5321 4.5.3.1.6)"
         if spool is None:
-            return _unstuff(bytes(buf)), None
+            return _unstuff(bytes(buf), dotted), None
         return _spooled(spool, bytes(buf)), None
 
 
@@ -397,16 +397,36 @@ def _long_line(buf: bytearray, start: int, more: bool) -> tuple[bool, int]:
     return False, pos
 
 
-def _unstuff(wire: bytes) -> Incoming:
+def _find_end(buf: bytearray, start: int) -> tuple[int, int, bool]:
+    """Find CRLF.CRLF from `start`: (its position or -1, where to resume, saw a dot line).
+
+    One pass finds both the terminator and the dot-stuffed lines (CRLF "." but not CRLF.CRLF),
+    so un-stuffing costs nothing for the usual message that has none.
+    """
+    dotted = False
+    n = len(buf)
+    i = buf.find(b"\r\n.", start)
+    while i >= 0:
+        if i + 5 > n:  # "\r\n." or "\r\n.\r" at the very end: decide with the next read
+            return -1, i, dotted
+        if buf[i + 3] == 13 and buf[i + 4] == 10:
+            return i, i, dotted
+        dotted = True
+        i = buf.find(b"\r\n.", i + 3)
+    return -1, max(start, n - 2), dotted
+
+
+def _unstuff(wire: bytes, dotted: bool = True) -> Incoming:
     """Remove the transparency dots (RFC 5321 4.5.2); keep the wire form when it can be reused."""
-    content = wire.replace(b"\r\n.", b"\r\n")  # the same object when there is no dot line
+    content = wire.replace(b"\r\n.", b"\r\n") if dotted else wire
     if wire.startswith(b"."):
         content = content[1:]
-    # Bare CR or LF (not from Postfix, which normalises) must not go upstream as they came:
-    # one pass keeps only the line-end bytes, then the counts are cheap.
+    # Bare CR or LF (not from Postfix, which normalises) must not go upstream as they came.
+    # Reusable iff #LF == #CR == #CRLF in the wire (CRLFs counted in the wire itself: deleting
+    # the other bytes could make "\r\0\n" look like a pair).
     ends = wire.translate(None, _NOT_LINE_END)
-    crlf = ends.count(b"\r\n")
-    reusable = ends.count(b"\n") == crlf and ends.count(b"\r") == crlf
+    lf = ends.count(b"\n")
+    reusable = lf == len(ends) - lf and wire.count(b"\r\n") == lf
     return Incoming(content, wire if reusable else None)
 
 
