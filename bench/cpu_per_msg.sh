@@ -13,10 +13,11 @@ mailguard=${MAILGUARD:-$repo/.venv/bin/mailguard}
 trap 'kill $pid $spid 2>/dev/null; rm -rf "$tmp"' EXIT
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
 smtp-source -s "$conc" -l "$size" -m 200 -f a@example.co.jp -t b@partner.co.jp "127.0.0.1:$port"
-ticks() { awk '{print $14+$15}' "/proc/$pid/stat"; }
-t0=$(ticks); w0=$(date +%s.%N)
+ticks() { awk "{print \$14+\$15}" "/proc/$pid/stat"; }
+read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$pid/stat"); t0=$((u0 + s0)); w0=$(date +%s.%N)
 smtp-source -s "$conc" -l "$size" -m "$count" -f a@example.co.jp -t b@partner.co.jp "127.0.0.1:$port"
-t1=$(ticks); w1=$(date +%s.%N)
+read -r u1 s1 < <(awk '{print $14, $15}' "/proc/$pid/stat"); t1=$((u1 + s1)); w1=$(date +%s.%N)
+echo "user=$(( (u1 - u0) * 1000 / $(getconf CLK_TCK) ))ms sys=$(( (s1 - s0) * 1000 / $(getconf CLK_TCK) ))ms"
 hz=$(getconf CLK_TCK)
 awk -v t="$((t1 - t0))" -v hz="$hz" -v n="$count" -v w="$(echo "$w1 - $w0" | bc)" -v s="$size" -v c="$conc" \
   'BEGIN { cpu = t / hz; printf "size=%d conc=%d count=%d relay_cpu=%.2fs cpu_per_msg=%.3fms cpu_bound_rate=%.0f msg/s wall_rate=%.0f msg/s\n", s, c, n, cpu, cpu * 1000 / n, n / cpu, n / w }'
