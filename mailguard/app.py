@@ -6,6 +6,7 @@ No module-level state: everything a process needs is built here from the config 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -248,6 +249,7 @@ class Service(Server):
         self.guard.keeper = self.hold
         if self.worker == 0:
             await self._start_worker0(cfg, public_url)
+        gc.freeze()  # start-up objects (policy, PSL, templates) live for ever: skip them in GC
         await self.listen()
 
     async def _start_worker0(self, cfg: Config, public_url: str) -> None:
