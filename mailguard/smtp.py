@@ -508,7 +508,8 @@ class FrontHandler:
         incoming: Incoming = envelope.mailguard_incoming  # type: ignore[attr-defined]
         peer = session.peer
         env = Envelope(
-            mail_from=envelope.mail_from or "",
+            # aiosmtpd hands the null sender over as "<>"; everything after us means "" by it
+            mail_from="" if envelope.mail_from in (None, "<>") else envelope.mail_from,
             rcpt_tos=list(envelope.rcpt_tos),
             mail_options=list(envelope.mail_options),
             rcpt_options=list(envelope.rcpt_options),  # type: ignore[arg-type]

@@ -410,3 +410,19 @@ async def test_fast_protocol_init_matches_aiosmtpd_init() -> None:
     assert all(m.__self__ is second for m in second._smtp_methods.values())
     assert second._stream_reader is not first._stream_reader
     assert second._handle_hooks.keys() == first._handle_hooks.keys()
+
+
+@pytest.mark.asyncio
+async def test_null_sender_is_relayed_as_null(sink: Any, guard_factory: Any) -> None:
+    up, up_port = sink
+    guard = await guard_factory(guard_config(up_port))
+    seen: list[Envelope] = []
+    guard.observers.append(lambda env, outcome: seen.append(env))
+
+    def send_null() -> None:  # smtplib writes MAIL FROM:<> for ""; aiosmtplib refuses it
+        with smtplib.SMTP("127.0.0.1", guard.port, timeout=10) as c:
+            c.sendmail("", ["b@x.jp"], msg())
+
+    await asyncio.to_thread(send_null)
+    assert seen[0].mail_from == ""  # not "<>": nobody may mail a notice or a bounce to it
+    assert up.got[0][0] == "<>"  # what aiosmtpd's sink records for MAIL FROM:<>
