@@ -121,7 +121,8 @@ class Guard:
             self.in_flight -= 1
         if self.observe is not None:
             try:
-                self.observe(env, Outcome(new_id(), reply, decision, view, stages, findings, error))
+                outcome = Outcome(new_id(), reply, decision, view, stages, findings, error, verdict)
+                self.observe(env, outcome)
             except Exception:
                 log.exception("%s: observer failed (message already answered)", env.queue_id)
         return reply
@@ -160,7 +161,7 @@ class Guard:
             stages["rewrite"] = time.perf_counter() - t
             wire = None
         keep = decision.gate in (Gate.HOLD, Gate.CONFIRM, Gate.APPROVE)
-        if (notices or keep) and self.keeper is None:
+        if (notices or splits or keep) and self.keeper is None:
             log.warning(
                 "%s: %s needs the queue, none configured: 451", env.queue_id, decision.action
             )
@@ -172,8 +173,7 @@ class Guard:
         if splits:
             # one delivery per recipient group (per-domain passwords): each part is stored and
             # sent by the scheduler; several in-transaction relays could half-succeed
-            if self.keeper is None:
-                return Reply(451, "4.3.0 MailGuard: queue not available, try again later")
+            assert self.keeper is not None
             parts = [(replace(env, rcpt_tos=list(rcpts)), sraw) for rcpts, sraw in splits]
             summary = summarize(view, decision)
             if keep:  # each part waits for its own release (one confirm link per domain)

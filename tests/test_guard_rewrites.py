@@ -171,3 +171,18 @@ async def test_per_domain_passwords_split_the_delivery(rig: Any) -> None:
             m = parsed(g[2])
             zips += [p.get_content() for p in m.iter_attachments()]
     assert len(zips) == 3 and len(set(zips)) == 3  # a different zip (password) per domain
+
+
+@pytest.mark.asyncio
+async def test_delivered_mail_teaches_the_history(rig: Any, tmp_path: Path) -> None:
+    """A passed message counts for its domains: the next one to them is no longer first-time."""
+    from mailguard.history import DomainHistory
+
+    server, sink, _ = rig
+    raw = b"From: yamada@example.co.jp\r\nTo: tanaka@client-a.co.jp\r\nSubject: hi\r\n\r\nx\r\n"
+    send = {"sender": SENDER, "hostname": "127.0.0.1", "port": server.port}
+    await aiosmtplib.send(raw, recipients=["tanaka@client-a.co.jp"], **send)
+    await server.history.flush()  # the batched writer, without waiting for its timer
+    with DomainHistory(tmp_path / "mg.db") as h:
+        assert h.counts(["client-a.co.jp"]) == {"client-a.co.jp": 1}
+    assert len(sink.got) == 1
