@@ -88,11 +88,9 @@ class HistoryCache:
                 n = fresh.get(d, 0)
                 self._counts[d] = (n, now)
                 known[d] = n
-        h = self.history
-        if h._frequent is None or now - h._frequent_at >= h._frequent_refresh:
-            frequent = await asyncio.to_thread(h.frequent)  # SQL at most every few minutes
-        else:
-            frequent = h._frequent  # cached: no thread hop per message
+        frequent = self.history.frequent_cached(now)  # no thread hop per message …
+        if frequent is None:
+            frequent = await asyncio.to_thread(self.history.frequent)  # … SQL every few minutes
         return HistorySnapshot(known, frequent)
 
     def record(self, domains: set[str]) -> None:
@@ -301,20 +299,22 @@ class Service(Server):
         return self.transport is not None and await self.transport.probe()
 
     async def _queue_gauges(self) -> None:
-        from mailguard.queue import State
-
         while self.metrics is not None:
             try:
-                counts = {st.value: await self.store.count(st) for st in State}
-                oldest = (
-                    await self.store.oldest_held_age()
-                    if hasattr(self.store, "oldest_held_age")
-                    else None
-                )
-                self.metrics.set_queue(counts, oldest)
+                await self.refresh_queue_gauges()
             except Exception:
                 log.exception("queue gauges")
             await asyncio.sleep(15)
+
+    async def refresh_queue_gauges(self) -> None:
+        """Messages per state and the oldest held message's age, for /metrics and the alerts."""
+        from mailguard.queue import State
+
+        assert self.metrics is not None
+        counts = {st.value: await self.store.count(st) for st in State}
+        oldest = await self.store.oldest_held()
+        age = (datetime.now(UTC) - oldest).total_seconds() if oldest is not None else None
+        self.metrics.set_queue(counts, age)
 
     @staticmethod
     def _warm_up(policy: Policy) -> None:

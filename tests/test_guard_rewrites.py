@@ -186,3 +186,51 @@ async def test_delivered_mail_teaches_the_history(rig: Any, tmp_path: Path) -> N
     with DomainHistory(tmp_path / "mg.db") as h:
         assert h.counts(["client-a.co.jp"]) == {"client-a.co.jp": 1}
     assert len(sink.got) == 1
+
+
+@pytest.mark.asyncio
+async def test_queue_gauges_report_held_mail_and_its_age(tmp_path: Path) -> None:
+    """mailguard_queue_messages and the oldest-held age feed the "held too long" alert."""
+    from mailguard.metrics import Metrics
+
+    sink = Sink()
+    up = await serve_sink(sink)
+    policy = tmp_path / "hold.toml"
+    policy.write_text(
+        '[organization]\ninternal_domains = ["example.co.jp"]\n'
+        '[[rule]]\nname = "cool-down"\nwhen = "recipient.external"\naction = "hold"\n'
+        'hold_for = "1h"\n'
+    )
+    from dataclasses import replace
+
+    cfg = Config(
+        smtp=SmtpConfig(listen=("127.0.0.1", 0)),
+        upstream=UpstreamConfig(address=("127.0.0.1", port_of(up))),
+        store=StoreConfig(path=tmp_path / "mg.db"),
+        web=WebConfig(enabled=False, secret="s"),
+    )
+    cfg = replace(cfg, policy=replace(cfg.policy, file=str(policy)))
+    metrics = Metrics()
+    server = build_server(cfg, lambda: cfg, metrics=metrics)
+    await server.start()
+    try:
+        raw = b"From: yamada@example.co.jp\r\nTo: tanaka@client-a.co.jp\r\nSubject: x\r\n\r\nx\r\n"
+        _, reply = await aiosmtplib.send(
+            raw, sender=SENDER, recipients=["tanaka@client-a.co.jp"], hostname="127.0.0.1",
+            port=server.port,
+        )  # fmt: skip
+        assert "held as" in reply
+        await asyncio.sleep(1.1)
+        await server.refresh_queue_gauges()
+        text = metrics.render()[0].decode()
+        assert 'mailguard_queue_messages{state="held"} 1.0' in text
+        sample = next(
+            ln
+            for ln in text.splitlines()
+            if ln.startswith("mailguard_queue_oldest_held_age_seconds ")
+        )
+        age = float(sample.split()[1])
+        assert 1.0 <= age < 30
+    finally:
+        await server.stop(grace=1)
+        up.close()

@@ -545,6 +545,14 @@ class SqliteStore:
 
         return await self._run(work)
 
+    async def oldest_held(self) -> datetime | None:
+        def work() -> datetime | None:
+            q = "SELECT min(created) FROM held WHERE state = ?"
+            v = self._c.execute(q, (State.HELD.value,)).fetchone()[0]
+            return None if v is None else dt(v)
+
+        return await self._run(work)
+
     async def audit(self, msg_id: str) -> list[AuditEntry]:
         def work() -> list[AuditEntry]:
             rows = self._c.execute(

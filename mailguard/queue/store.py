@@ -280,6 +280,10 @@ class HeldStore(Protocol):
 
     async def count(self, state: State | None = None) -> int: ...
 
+    async def oldest_held(self) -> datetime | None:
+        """Arrival time of the oldest message still held (None when none is)."""
+        ...
+
     async def audit(self, msg_id: str) -> list[AuditEntry]: ...
 
     async def due_held(self, now: datetime, limit: int = 100) -> list[Held]:
