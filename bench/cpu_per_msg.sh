@@ -13,7 +13,6 @@ mailguard=${MAILGUARD:-$repo/.venv/bin/mailguard}
 trap 'kill $pid $spid 2>/dev/null; rm -rf "$tmp"' EXIT
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
 smtp-source -s "$conc" -l "$size" -m 200 -f a@example.co.jp -t b@partner.co.jp "127.0.0.1:$port"
-ticks() { awk "{print \$14+\$15}" "/proc/$pid/stat"; }
 read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$pid/stat"); t0=$((u0 + s0)); w0=$(date +%s.%N)
 smtp-source -s "$conc" -l "$size" -m "$count" -f a@example.co.jp -t b@partner.co.jp "127.0.0.1:$port"
 read -r u1 s1 < <(awk '{print $14, $15}' "/proc/$pid/stat"); t1=$((u1 + s1)); w1=$(date +%s.%N)

@@ -174,6 +174,13 @@ class DomainHistory:
         assert self._frequent is not None
         return self._frequent
 
+    def frequent_cached(self, now: float | None = None) -> frozenset[str] | None:
+        """The frequent set if it is still fresh, else None (then `frequent()` reloads it)."""
+        t = time.monotonic() if now is None else now
+        if self._frequent is None or t - self._frequent_at >= self._frequent_refresh:
+            return None
+        return self._frequent
+
     def snapshot(self, domains: Iterable[str]) -> HistorySnapshot:
         """What CheckContext.history wants for one message."""
         return HistorySnapshot(self.counts(domains), self.frequent())

@@ -36,7 +36,6 @@ from mailguard.envelope import TEMPFAIL, Envelope, Reply
 log = logging.getLogger("mailguard.smtp")
 
 XFORWARD_ATTRS = ("NAME", "ADDR", "PROTO", "HELO", "IDENT", "SOURCE", "PORT")
-_TERM = b"\r\n.\r\n"
 _READ = 1 << 20
 # 998 octets + a transparent dot + CR, between two LFs (RFC 5321 4.5.3.1.6, as aiosmtpd counts)
 _MAX_LINE = 1000
