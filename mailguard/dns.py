@@ -11,6 +11,15 @@ Verdicts (mailguard.checks.context.DnsStatus):
 Answers are cached for their TTL (negative answers for the SOA minimum, RFC 2308), clamped to
 [min_ttl, max_ttl]; "unavailable" is cached briefly so a dead resolver does not stall every
 message for a full timeout. Concurrent look-ups of the same domain share one query.
+
+`on_lookup(result, seconds)` (optional) is told about every real look-up — not cache hits, not
+look-ups shared with one already in flight, not names that are invalid before any query — once
+per domain, with how long it took and its result in the metrics' vocabulary:
+
+  ok, null_mx, nonexistent   the verdict of the same name
+  timeout                    unavailable: no answer in time
+  servfail                   unavailable: a nameserver answered SERVFAIL
+  error                      unavailable: anything else (REFUSED, FORMERR, network error)
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Final
 
 import dns.asyncresolver
 import dns.exception
@@ -34,6 +43,12 @@ from mailguard.checks.context import DnsStatus
 __all__ = ["DomainResolver"]
 
 log = logging.getLogger(__name__)
+
+LookupHook = Callable[[str, float], None]
+# Why a query could not be answered, in mailguard.metrics.DNS_RESULTS' words.
+TIMEOUT: Final = "timeout"
+SERVFAIL: Final = "servfail"
+ERROR: Final = "error"
 
 
 class DomainResolver:
@@ -52,6 +67,7 @@ class DomainResolver:
         unavailable_ttl: float = 30.0,  # 0 = do not cache failures
         concurrency: int = 16,
         clock: Callable[[], float] = time.monotonic,
+        on_lookup: LookupHook | None = None,
     ) -> None:
         if nameservers:
             self._resolver = dns.asyncresolver.Resolver(configure=False)
@@ -70,6 +86,7 @@ class DomainResolver:
         self._sem = asyncio.Semaphore(concurrency)
         self._inflight: dict[str, asyncio.Future[DnsStatus]] = {}
         self._clock = clock
+        self.on_lookup = on_lookup
 
     # -- cache ------------------------------------------------------------------------------
 
@@ -116,7 +133,10 @@ class DomainResolver:
         self._inflight[domain] = fut
         try:
             async with self._sem:
-                status, ttl = await self._lookup(domain)
+                started = time.perf_counter()
+                status, ttl, why = await self._lookup(domain)
+                if why is not None:  # a query was really sent
+                    self._report(why, time.perf_counter() - started)
             self._store(domain, status, ttl)
             fut.set_result(status)
             return status
@@ -133,41 +153,57 @@ class DomainResolver:
         results = await asyncio.gather(*(self.status(d) for d in uniq))
         return dict(zip(uniq, results, strict=True))
 
-    async def _lookup(self, domain: str) -> tuple[DnsStatus, float]:
+    def _report(self, result: str, seconds: float) -> None:
+        if self.on_lookup is None:
+            return
+        try:
+            self.on_lookup(result, seconds)
+        except Exception:  # a broken metrics hook must not fail the domain check
+            log.exception("dns: on_lookup hook failed")
+
+    async def _lookup(self, domain: str) -> tuple[DnsStatus, float, str | None]:
+        """(verdict, ttl, result for on_lookup, None when no query was sent)."""
         try:
             qname = dns.name.from_text(domain)
         except (dns.exception.DNSException, ValueError) as e:
             log.info("dns: %s: not a valid domain name (%s)", domain, e)
-            return "nonexistent", self._negative_ttl
+            return "nonexistent", self._negative_ttl, None
         mx = await self._query(qname, dns.rdatatype.MX)
         if mx[0] == "answer":
             answer = mx[1]
             exchanges = [r.exchange for r in answer.rrset] if answer.rrset else []
             ttl = float(answer.rrset.ttl) if answer.rrset else self._negative_ttl
             if exchanges and all(x == dns.name.root for x in exchanges):
-                return "null_mx", ttl
+                return "null_mx", ttl, "null_mx"
             if exchanges:
-                return "ok", ttl
-        if mx[0] in ("nxdomain", "unavailable"):
-            return _verdict(mx[0]), mx[2]
+                return "ok", ttl, "ok"
+        if mx[0] == "nxdomain":
+            return "nonexistent", mx[2], "nonexistent"
+        if mx[0] == "unavailable":
+            return "unavailable", mx[2], mx[1]
         # No MX: RFC 5321 §5.1 implicit MX — the domain's own address records.
         worst_ttl = mx[2]
-        failed = False
+        failed: str | None = None  # why the first failed query failed
         for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
             got = await self._query(qname, rdtype)
             if got[0] == "answer" and got[1].rrset:
-                return "ok", float(got[1].rrset.ttl)
+                return "ok", float(got[1].rrset.ttl), "ok"
             if got[0] == "nxdomain":
-                return "nonexistent", got[2]
+                return "nonexistent", got[2], "nonexistent"
             if got[0] == "unavailable":
-                failed = True
+                failed = failed or got[1]
             worst_ttl = min(worst_ttl, got[2])
-        return ("unavailable", 0.0) if failed else ("nonexistent", worst_ttl)
+        if failed:
+            return "unavailable", 0.0, failed
+        return "nonexistent", worst_ttl, "nonexistent"
 
     async def _query(
         self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType
     ) -> tuple[str, Any, float]:
-        """(kind, Answer or None, ttl); kind is answer, nodata, nxdomain or unavailable."""
+        """(kind, Answer or None, ttl); kind is answer, nodata, nxdomain or unavailable.
+
+        For unavailable, the second item says why: timeout, servfail or error.
+        """
         try:
             answer = await self._resolver.resolve(
                 qname, rdtype, search=False, raise_on_no_answer=False
@@ -180,15 +216,18 @@ class DomainResolver:
             return "nodata", None, self._soa_ttl(e.kwargs.get("response"))
         except dns.resolver.YXDOMAIN:
             return "nxdomain", None, self._negative_ttl
-        except (dns.exception.Timeout, dns.resolver.NoNameservers) as e:
+        except dns.exception.Timeout as e:
             log.info("dns: %s %s: %s", qname, dns.rdatatype.to_text(rdtype), e)
-            return "unavailable", None, 0.0
+            return "unavailable", TIMEOUT, 0.0
+        except dns.resolver.NoNameservers as e:
+            log.info("dns: %s %s: %s", qname, dns.rdatatype.to_text(rdtype), e)
+            return "unavailable", _why_no_nameservers(e), 0.0
         except dns.exception.DNSException as e:
             log.warning("dns: %s %s: %s", qname, dns.rdatatype.to_text(rdtype), e)
-            return "unavailable", None, 0.0
+            return "unavailable", ERROR, 0.0
         except OSError as e:  # network unreachable, no route: we could not ask
             log.warning("dns: %s %s: %s", qname, dns.rdatatype.to_text(rdtype), e)
-            return "unavailable", None, 0.0
+            return "unavailable", ERROR, 0.0
         if answer.rrset is None:
             return "nodata", None, self._soa_ttl(answer.response)
         return "answer", answer, float(answer.rrset.ttl)
@@ -202,5 +241,15 @@ class DomainResolver:
         return self._negative_ttl
 
 
-def _verdict(kind: str) -> DnsStatus:
-    return "nonexistent" if kind == "nxdomain" else "unavailable"
+def _why_no_nameservers(e: dns.resolver.NoNameservers) -> str:
+    """servfail if a nameserver answered SERVFAIL, timeout if every try timed out, else error.
+
+    dnspython lists each try as (server, tcp, port, exception or rcode text, answer).
+    """
+    errors = e.kwargs.get("errors") or []
+    problems = [err[3] for err in errors if len(err) > 3]
+    if any(p == "SERVFAIL" for p in problems):
+        return SERVFAIL
+    if problems and all(isinstance(p, dns.exception.Timeout) for p in problems):
+        return TIMEOUT
+    return ERROR

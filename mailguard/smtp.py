@@ -11,7 +11,9 @@ What it adds to aiosmtpd's SMTP class:
   and at the very start), un-stuffs dots with one replace, keeps the wire form for the relay,
   enforces the size limit (552 after draining) and the 1000-octet line rule (500), and spools a
   large message to a temp file instead of RAM;
-* any exception in a hook answers 451 (aiosmtpd's default 500 would make Postfix bounce).
+* any exception in a hook answers 451 (aiosmtpd's default 500 would make Postfix bounce);
+* `on_client(accepted)` (optional, for the metrics): told once per client connection whether
+  it was served (True) or refused because its address is not in the allowed networks (False).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class Incoming:
 
 
 MessageHandler = Callable[[Envelope, Incoming], Awaitable[Reply]]
+ClientHook = Callable[[bool], None]
 
 
 class Networks:
@@ -120,6 +123,7 @@ class GuardSMTP(SMTP):
         spool_dir: str | None = None,
         xforward: bool = True,
         min_data_rate: int = 500,
+        on_client: ClientHook | None = None,
         **kw: Any,
     ) -> None:
         kw.setdefault("enable_SMTPUTF8", True)
@@ -132,6 +136,9 @@ class GuardSMTP(SMTP):
         self.min_data_rate = min_data_rate
         self._xforward: dict[str, str] = {}
         self._pushes = 0
+        # accepted (True) or refused by allowed_networks (False), once per client. Per instance
+        # (the server's protocol factory passes it): a function set on the class would be bound.
+        self.on_client = on_client
 
     def _fast_init(self, handler: Any, kw: dict[str, Any]) -> None:
         """aiosmtpd's __init__ costs ≈ 1.3 ms (inspect.getmembers over self and the handler, on
@@ -175,9 +182,19 @@ class GuardSMTP(SMTP):
         if self.on_connection is not None:
             self.on_connection(self, False)
 
+    def _tell_client(self, accepted: bool) -> None:
+        if self.on_client is None:
+            return
+        try:
+            self.on_client(accepted)
+        except Exception:  # a broken metrics hook must not cost a connection
+            log.exception("smtp: on_client hook failed")
+
     async def _handle_client(self) -> None:
         assert self.session is not None
-        if not self.networks.allows(self.session.peer):
+        allowed = self.networks.allows(self.session.peer)
+        self._tell_client(allowed)
+        if not allowed:
             log.warning("refused connection from %s: not in allowed networks", self.session.peer)
             with contextlib.suppress(Exception):
                 await self.push("554 5.7.1 MailGuard: your address is not allowed to relay")
@@ -187,7 +204,7 @@ class GuardSMTP(SMTP):
         await super()._handle_client()
 
     def _set_post_data_state(self) -> None:
-        super()._set_post_data_state()
+        super()._set_post_data_state()  # type: ignore[no-untyped-call]  # aiosmtpd: no annotation
         self._xforward = {}  # XFORWARD applies to one transaction (XFORWARD_README)
 
     async def push(self, status: Any) -> None:
@@ -231,7 +248,7 @@ class GuardSMTP(SMTP):
         m = _PLAIN_PATH.match(arg)
         if m is not None and not self.local_part_limit:
             return m.group(1) or "<>", m.group(2)
-        return super()._getaddr(arg)  # type: ignore[no-any-return]
+        return super()._getaddr(arg)
 
     # -- MAIL: per-message network check --------------------------------------------------
     async def smtp_MAIL(self, arg: str | None) -> None:

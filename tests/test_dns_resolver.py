@@ -237,3 +237,102 @@ async def test_dead_nameserver_is_unavailable() -> None:
     sock_probe[0].close()
     r = DomainResolver(["127.0.0.1"], port=port, timeout=0.3)
     assert await r.status("example.test") == "unavailable"
+
+
+# ------------------------------------------------------------------ on_lookup (the metrics hook)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("domain", "result"),
+    [
+        ("ok-mx.test", "ok"),
+        ("a-only.test", "ok"),
+        ("null-mx.test", "null_mx"),
+        ("nosuch.test", "nonexistent"),
+        ("txt-only.test", "nonexistent"),
+        ("timeout.test", "timeout"),
+        ("servfail.test", "servfail"),
+        ("refused.test", "error"),
+    ],
+)
+async def test_on_lookup_reports_each_real_lookup(
+    dns_server: DnsServer, domain: str, result: str
+) -> None:
+    from mailguard.metrics import DNS_RESULTS
+
+    seen: list[tuple[str, float]] = []
+    r = resolver(dns_server, timeout=0.4, on_lookup=lambda res, secs: seen.append((res, secs)))
+    await r.status(domain)
+    await r.status(domain)  # a cache hit: not a lookup
+    assert [res for res, _ in seen] == [result]
+    assert result in DNS_RESULTS
+    secs = seen[0][1]
+    assert 0 <= secs < 5
+    if result == "timeout":
+        assert secs >= 0.3  # the time really spent waiting
+
+
+@pytest.mark.asyncio
+async def test_on_lookup_skips_cache_shared_and_unsent(dns_server: DnsServer) -> None:
+    seen: list[str] = []
+    r = resolver(dns_server, on_lookup=lambda res, secs: seen.append(res))
+    await asyncio.gather(*(r.status("ok-mx.test") for _ in range(5)))  # one shared query
+    await r.status("[192.0.2.7]")  # a literal: nothing asked
+    await r.status("bad..name.test")  # invalid: nothing asked
+    await r.status("OK-MX.test.")  # cached
+    assert seen == ["ok"]
+
+
+@pytest.mark.asyncio
+async def test_on_lookup_first_failure_decides_after_no_mx(dns_server: DnsServer) -> None:
+    # MX: no data; A: no data; AAAA: times out -> unavailable because of a timeout
+    dns_server.responder.zone.replace_rdataset(
+        "timeout-aaaa.test.", dns.rdataset.from_text("IN", "TXT", 300, '"x"')
+    )
+    seen: list[str] = []
+    r = resolver(dns_server, timeout=0.4, on_lookup=lambda res, secs: seen.append(res))
+    assert await r.status("timeout-aaaa.test") == "unavailable"
+    assert seen == ["timeout"]
+
+
+@pytest.mark.asyncio
+async def test_on_lookup_dead_nameserver(unused_udp_port: int) -> None:
+    seen: list[str] = []
+    r = DomainResolver(
+        ["127.0.0.1"], port=unused_udp_port, timeout=0.3, on_lookup=lambda res, s: seen.append(res)
+    )
+    assert await r.status("example.test") == "unavailable"
+    assert seen in (["timeout"], ["error"])
+
+
+@pytest.mark.asyncio
+async def test_on_lookup_feeds_the_metrics(dns_server: DnsServer) -> None:
+    """Through the real Metrics helper: every label the hook gives is a pre-created one."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from mailguard.metrics import Metrics
+
+    mx = Metrics()
+    r = resolver(dns_server, timeout=0.4, on_lookup=mx.dns_lookup)
+    await r.statuses(["ok-mx.test", "servfail.test", "nosuch.test", "null-mx.test", "timeout.test"])
+    body, _ = mx.render()
+    got = {
+        (s.name, s.labels.get("result", "")): s.value
+        for f in text_string_to_metric_families(body.decode())
+        for s in f.samples
+        if s.name.startswith("mailguard_dns_lookup")
+    }
+    for res in ("ok", "servfail", "nonexistent", "null_mx", "timeout"):
+        assert got[("mailguard_dns_lookups_total", res)] == 1, res
+    assert ("mailguard_dns_lookups_total", "other") not in got
+    assert got[("mailguard_dns_lookup_seconds_count", "")] == 5
+
+
+@pytest.mark.asyncio
+async def test_on_lookup_hook_failure_does_not_fail_the_check(dns_server: DnsServer) -> None:
+    def broken(result: str, seconds: float) -> None:
+        raise RuntimeError("metrics down")
+
+    r = resolver(dns_server, on_lookup=broken)
+    assert await r.status("ok-mx.test") == "ok"

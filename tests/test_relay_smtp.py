@@ -426,3 +426,173 @@ async def test_null_sender_is_relayed_as_null(sink: Any, guard_factory: Any) -> 
     await asyncio.to_thread(send_null)
     assert seen[0].mail_from == ""  # not "<>": nobody may mail a notice or a bounce to it
     assert up.got[0][0] == "<>"  # what aiosmtpd's sink records for MAIL FROM:<>
+
+
+# ------------------------------------------------- on_connect_error / on_open (the metrics hooks)
+
+
+class Hooks:
+    """Records what SmtpTransport reports: connection errors and open/close deltas."""
+
+    def __init__(self) -> None:
+        self.errors = 0
+        self.deltas: list[int] = []
+
+    def error(self) -> None:
+        self.errors += 1
+
+    def opened(self, delta: int) -> None:
+        self.deltas.append(delta)
+
+    def transport(self, port: int, **kw: Any) -> SmtpTransport:
+        kw.setdefault("connect_timeout", 1)
+        kw.setdefault("command_timeout", 1)
+        return SmtpTransport(
+            "127.0.0.1", port, on_connect_error=self.error, on_open=self.opened, **kw
+        )
+
+
+ENV = Envelope("a@x.jp", ["b@y.jp"])
+
+
+@pytest.mark.asyncio
+async def test_hooks_refused_port_counts_every_attempt() -> None:
+    from conftest import free_port
+
+    h = Hooks()
+    t = h.transport(free_port())  # nothing listens: connection refused
+    assert (await t.send(ENV, b"Subject: 1\r\n\r\n")).code == 451
+    assert (await t.send(ENV, b"Subject: 2\r\n\r\n")).code == 451
+    assert await t.probe() is False
+    assert h.errors == 3 and h.deltas == []
+    assert t.open_connections == 0
+
+
+@pytest.mark.asyncio
+async def test_hooks_silent_upstream_is_a_connect_timeout() -> None:
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(10)  # accepts, never greets
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    h = Hooks()
+    t = h.transport(port_of(server), connect_timeout=0.3)
+    assert (await t.send(ENV, b"Subject: 1\r\n\r\n")).code == 451
+    assert h.errors == 1 and h.deltas == []
+    server.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("drop_at", [b"EHLO", b"MAIL"])
+async def test_hooks_dropped_connection(drop_at: bytes) -> None:
+    async def rude(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 rude ESMTP\r\n")
+        if drop_at == b"MAIL":
+            await reader.readline()
+            writer.write(b"250 rude\r\n")
+        await reader.readline()
+        writer.close()
+
+    server = await asyncio.start_server(rude, "127.0.0.1", 0)
+    h = Hooks()
+    t = h.transport(port_of(server))
+    assert (await t.send(ENV, b"Subject: 1\r\n\r\n")).code == 451
+    assert h.errors == 1
+    # dropped at EHLO: never counted as open; dropped at MAIL: opened, then closed once
+    assert h.deltas == ([] if drop_at == b"EHLO" else [1, -1])
+    assert t.open_connections == sum(h.deltas) == 0
+    server.close()
+
+
+@pytest.mark.asyncio
+async def test_hooks_pool_open_and_close(sink: Any) -> None:
+    up, up_port = sink
+    h = Hooks()
+    t = h.transport(up_port)
+    for i in range(5):
+        assert (await t.send(ENV, b"Subject: %d\r\n\r\n" % i)).code == 250
+    assert await t.probe() is True
+    assert h.deltas == [1] and t.open_connections == 1  # one pooled connection, reused
+    await t.close()
+    assert h.deltas == [1, -1] and t.open_connections == 0
+    assert h.errors == 0 and len(up.got) == 5
+
+
+@pytest.mark.asyncio
+async def test_hooks_concurrent_sends_open_several(sink: Any) -> None:
+    up, up_port = sink
+    up.delay = 0.2  # transactions overlap: each needs its own connection
+    h = Hooks()
+    t = h.transport(up_port, pool_size=2)
+    replies = await asyncio.gather(*(t.send(ENV, b"Subject: c\r\n\r\n") for _ in range(4)))
+    assert [r.code for r in replies] == [250] * 4
+    assert h.deltas.count(1) == 4
+    assert sum(h.deltas) == t.open_connections == 2  # the pool keeps two, closes the rest
+    await t.close()
+    assert sum(h.deltas) == 0 and h.errors == 0
+
+
+@pytest.mark.asyncio
+async def test_hooks_stale_pooled_connection_is_not_an_error(sink: Any) -> None:
+    import socket as _s
+
+    _, up_port = sink
+    h = Hooks()
+    t = h.transport(up_port)
+    assert (await t.send(ENV, b"Subject: 1\r\n\r\n")).code == 250
+    conn = t._idle[0]
+    assert conn.smtp.protocol is not None and conn.smtp.protocol.transport is not None
+    conn.smtp.protocol.transport.get_extra_info("socket").shutdown(_s.SHUT_RDWR)
+    assert (await t.send(ENV, b"Subject: 2\r\n\r\n")).code == 250
+    assert h.errors == 0
+    assert h.deltas == [1, -1, 1]
+    await t.close()
+
+
+@pytest.mark.asyncio
+async def test_hooks_feed_the_real_metrics(sink: Any) -> None:
+    from conftest import free_port
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from mailguard.metrics import Metrics
+
+    mx = Metrics()
+    _, up_port = sink
+
+    def gauge(delta: int) -> None:
+        mx.upstream_connections_open.inc(delta)
+
+    good = SmtpTransport(
+        "127.0.0.1", up_port, on_connect_error=mx.upstream_connection_errors.inc, on_open=gauge
+    )
+    bad = SmtpTransport(
+        "127.0.0.1", free_port(), on_connect_error=mx.upstream_connection_errors.inc, on_open=gauge
+    )
+    assert (await good.send(ENV, b"Subject: 1\r\n\r\n")).code == 250
+    assert (await bad.send(ENV, b"Subject: 1\r\n\r\n")).code == 451
+
+    def scrape() -> dict[str, float]:
+        body, _ = mx.render()
+        return {
+            s.name: s.value
+            for f in text_string_to_metric_families(body.decode())
+            for s in f.samples
+        }
+
+    s = scrape()
+    assert s["mailguard_upstream_connection_errors_total"] == 1
+    assert s["mailguard_upstream_connections_open"] == 1
+    await good.close()
+    assert scrape()["mailguard_upstream_connections_open"] == 0
+
+
+@pytest.mark.asyncio
+async def test_hook_failure_does_not_fail_delivery(sink: Any) -> None:
+    up, up_port = sink
+
+    def broken(*_: Any) -> None:
+        raise RuntimeError("metrics down")
+
+    t = SmtpTransport("127.0.0.1", up_port, on_connect_error=broken, on_open=broken)
+    assert (await t.send(ENV, b"Subject: 1\r\n\r\n")).code == 250
+    await t.close()
+    assert len(up.got) == 1

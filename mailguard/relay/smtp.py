@@ -16,6 +16,15 @@ RCPTs we can no longer refuse one recipient alone:
 aiosmtplib's `sendmail` re-normalises line endings and dot-stuffs with regexes over the whole
 message (≈ 30 ms per MiB, twice for SIZE); we already hold the dot-stuffed wire form the client
 sent, so DATA writes those bytes as they are, or stuffs a changed message in one pass.
+
+Two optional hooks report on the connections, for the metrics (no metrics import here):
+
+* `on_connect_error()`: once per failed connection to the upstream — the attempt failed
+  (refused, no route, connect or greeting/EHLO timeout, dropped before EHLO was answered), or an
+  established connection failed under a transaction or probe (dropped, timed out). A pooled
+  connection found stale and retried on a fresh one is not counted: nothing failed for the client.
+* `on_open(delta)`: +1 when a connection is opened (after EHLO), -1 when it is closed, exactly
+  once per connection, so a gauge can follow `open_connections`.
 """
 
 from __future__ import annotations
@@ -34,6 +43,9 @@ from aiosmtplib.errors import SMTPServerDisconnected
 from mailguard.envelope import Envelope, Reply
 
 log = logging.getLogger("mailguard.relay")
+
+ConnectErrorHook = Callable[[], None]
+OpenHook = Callable[[int], None]
 
 _CHUNK = 1 << 20
 UPSTREAM_DOWN = "4.4.1 MailGuard: upstream MTA unavailable, try again later"
@@ -78,6 +90,7 @@ class _Conn:
     eightbit: bool = False
     size: bool = False
     pipelining: bool = False
+    closed: bool = False
 
 
 class SmtpTransport:
@@ -101,7 +114,8 @@ class SmtpTransport:
         idle_timeout: float = 30.0,
         max_uses: int = 1000,
         local_hostname: str | None = None,
-        on_connection_error: Callable[[], None] | None = None,
+        on_connect_error: ConnectErrorHook | None = None,
+        on_open: OpenHook | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -114,7 +128,8 @@ class SmtpTransport:
         self.local_hostname = local_hostname or "mailguard.localdomain"
         self._idle: list[_Conn] = []
         self._closed = False
-        self._on_conn_error = on_connection_error
+        self.on_connect_error = on_connect_error
+        self.on_open = on_open
         self.open_connections = 0
 
     # -- pool -----------------------------------------------------------------------------
@@ -133,11 +148,16 @@ class SmtpTransport:
             await smtp.connect(timeout=self.connect_timeout)
             async with asyncio.timeout(self.command_timeout):
                 await smtp.ehlo()
+        except (OSError, aiosmtplib.SMTPException, TimeoutError):
+            smtp.close()
+            self._connect_failed()
+            raise
         except BaseException:
             smtp.close()
             raise
         now = time.monotonic()
         self.open_connections += 1
+        self._opened(1)
         return _Conn(
             smtp,
             now,
@@ -150,8 +170,27 @@ class SmtpTransport:
         )
 
     def _discard(self, conn: _Conn) -> None:
-        self.open_connections -= 1
         conn.smtp.close()
+        if conn.closed:
+            return
+        conn.closed = True
+        self.open_connections -= 1
+        self._opened(-1)
+
+    # -- hooks (a failing hook is logged, never allowed to fail a delivery) -------------------
+    def _connect_failed(self) -> None:
+        if self.on_connect_error is not None:
+            try:
+                self.on_connect_error()
+            except Exception:
+                log.exception("relay: on_connect_error hook failed")
+
+    def _opened(self, delta: int) -> None:
+        if self.on_open is not None:
+            try:
+                self.on_open(delta)
+            except Exception:
+                log.exception("relay: on_open hook failed")
 
     async def _acquire(self) -> tuple[_Conn, bool]:
         """A connection and whether it came from the pool (and so may be stale)."""
@@ -201,6 +240,7 @@ class SmtpTransport:
                 await conn.smtp.noop()
         except (OSError, aiosmtplib.SMTPException, TimeoutError):
             self._discard(conn)
+            self._connect_failed()
             return False
         self._release(conn)
         return True
@@ -216,7 +256,7 @@ class SmtpTransport:
             try:
                 conn, pooled = await self._acquire()
             except (OSError, aiosmtplib.SMTPException, TimeoutError) as e:
-                self._conn_error(env, e)
+                self._conn_error(env, e, counted=True)  # _connect told on_connect_error
                 return Reply(451, UPSTREAM_DOWN)
             try:
                 reply = await self._transaction(conn, env, raw, wire)
@@ -237,7 +277,7 @@ class SmtpTransport:
             return reply
         raise AssertionError("unreachable")
 
-    def _conn_error(self, env: Envelope, e: BaseException) -> None:
+    def _conn_error(self, env: Envelope, e: BaseException, *, counted: bool = False) -> None:
         log.warning(
             "%s: upstream %s:%s: %s: %s",
             env.queue_id,
@@ -246,8 +286,8 @@ class SmtpTransport:
             type(e).__name__,
             e or "no answer",
         )
-        if self._on_conn_error:
-            self._on_conn_error()
+        if not counted:
+            self._connect_failed()
 
     async def _transaction(
         self, conn: _Conn, env: Envelope, raw: bytes, wire: bytes | None
@@ -369,4 +409,4 @@ def _refusal_reply(refused: list[tuple[str, int, str]], total: int) -> Reply:
     )
 
 
-__all__ = ["SmtpTransport", "dot_stuff"]
+__all__ = ["ConnectErrorHook", "OpenHook", "SmtpTransport", "dot_stuff"]
