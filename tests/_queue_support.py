@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import email
 import email.policy
 from dataclasses import dataclass, field
@@ -12,10 +13,14 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP
 
-from mailguard.checks.finding import Finding
-from mailguard.envelope import Envelope
+from mailguard.envelope import Envelope, Reply
+from mailguard.history import DomainHistory
+from mailguard.lookups import HistoryCache, Lookups
 from mailguard.notify.render import Notifier
-from mailguard.policy.decision import Decision, Gate
+from mailguard.pipeline import Pipeline, Settings
+from mailguard.policy import Policy
+from mailguard.policy.decision import Gate
+from mailguard.policy.parse import parse_policy
 from mailguard.queue.service import HoldService
 from mailguard.queue.sqlite import SqliteStore
 from mailguard.relay.smtp import SmtpTransport
@@ -24,40 +29,80 @@ from mailguard.scheduler import Scheduler
 SECRET = b"test-secret-0123456789abcdef"
 SENDER = "taro@example.co.jp"
 RCPTS = ["a@partner.co.jp", "b@other.example.com", "c@example.co.jp"]
+
+
+def _xlsx() -> bytes:
+    """A small unencrypted OOXML workbook (a zip with the parts a sniffer looks for)."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("[Content_Types].xml", '<?xml version="1.0"?><Types/>')
+        z.writestr("xl/workbook.xml", "<workbook/>" + "x" * 4000)
+    return buf.getvalue()
+
+
+XLSX = _xlsx()
 RAW = (
     b"From: Taro <taro@example.co.jp>\r\n"
-    b"To: a@partner.co.jp, b@other.example.com\r\n"
+    b"To: Hanako Partner <a@partner.co.jp>, b@other.example.com\r\n"
     b"Cc: c@example.co.jp\r\n"
     b"Subject: =?UTF-8?B?5pyI5qyh5aCx5ZGK?=\r\n"
     b"Message-ID: <orig-1@example.co.jp>\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/mixed; boundary="b1"\r\n'
+    b"\r\n"
+    b"--b1\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
     b"\r\n"
     b"body line 1\r\n.leading dot line\r\n"
+    b"--b1\r\n"
+    b"Content-Type: application/vnd.openxmlformats-officedocument.spreadsheetml.sheet\r\n"
+    b"Content-Disposition: attachment;\r\n"
+    b" filename*=UTF-8''%E9%A1%A7%E5%AE%A2%E3%83%AA%E3%82%B9%E3%83%88.xlsx\r\n"
+    b"Content-Transfer-Encoding: base64\r\n"
+    b"\r\n"
+    + b"\r\n".join(
+        base64.b64encode(XLSX)[i : i + 76] for i in range(0, len(base64.b64encode(XLSX)), 76)
+    )
+    + b"\r\n--b1--\r\n"
 )
-SUMMARY: dict[str, Any] = {
-    "subject": "月次報告",
-    "from": SENDER,
-    "to": ["a@partner.co.jp", "b@other.example.com"],
-    "cc": ["c@example.co.jp"],
-    "internal": ["c@example.co.jp"],
-    "external": ["a@partner.co.jp", "b@other.example.com"],
-    "attachments": [
-        {"filename": "顧客リスト.xlsx", "size": 48213, "content_type": "application/vnd.ms-excel"}
-    ],
-    "findings": [
-        {
-            "code": "recipient.visible_external",
-            "reason_en": "2 external addresses from 2 domains are visible in To/Cc",
-            "reason_ja": "To/Cc に 2 ドメインの社外アドレス 2 件が見えています",
-        }
-    ],
-    "rules": ["bcc-mistake"],
-}
-FINDING = Finding(
-    "recipient.visible_external",
-    "2 external addresses from 2 domains are visible in To/Cc",
-    "To/Cc に 2 ドメインの社外アドレス 2 件が見えています",
-    count=2,
-)
+
+
+def gate_policy(gate: Gate, **rule: Any) -> Policy:
+    """A real policy whose one rule puts the test message (two outside organisations visible in
+    To) through `gate`; `rule` adds rule keys (hold_for="5m", on_timeout="send", …)."""
+    keys = {"name": "bcc-mistake", "when": "recipient.visible_external >= 1", "action": gate.label}
+    if gate is Gate.APPROVE:
+        keys["approvers"] = ["boss@example.co.jp"]
+    if gate is not Gate.HOLD and "hold_for" in rule:
+        rule["confirm_timeout"] = rule.pop("hold_for")
+    keys.update(rule)
+    body = "\n".join(f"{k} = {_toml(v)}" for k, v in keys.items())
+    text = f'[organization]\ninternal_domains = ["example.co.jp"]\n\n[[rule]]\n{body}\n'
+    return parse_policy(text, source="<tests>")
+
+
+def zip_policy(**options: Any) -> Policy:
+    """A real policy that zips the test message's attachment and passes it."""
+    opts = ", ".join(f"{k} = {_toml(v)}" for k, v in options.items())
+    text = (
+        '[organization]\ninternal_domains = ["example.co.jp"]\n\n[[rule]]\nname = "zip-it"\n'
+        'when = "attachment.unencrypted"\naction = "zip"\n'
+        + (f"options = {{ {opts} }}\n" if opts else "")
+    )
+    return parse_policy(text, source="<tests: zip>")
+
+
+def _toml(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, timedelta):
+        return f'"{int(v.total_seconds())}s"'
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    return f'"{v}"'
 
 
 @dataclass
@@ -129,13 +174,10 @@ def envelope(sender: str = SENDER, rcpts: list[str] | None = None) -> Envelope:
     )
 
 
-def decision(gate: Gate, **kw: Any) -> Decision:
-    return Decision(gate=gate, rules=("bcc-mistake",), findings=(FINDING,), **kw)
-
-
 @dataclass
 class Rig:
-    """Store + service + notifier + scheduler wired like the server wires them."""
+    """Store, queue, pipeline, notifier and scheduler wired as the server wires them (a clock
+    the test moves); messages are kept by the real pipeline from real bytes."""
 
     store: SqliteStore
     service: HoldService
@@ -143,6 +185,7 @@ class Rig:
     scheduler: Scheduler
     clock: Clock
     transport: SmtpTransport
+    pipeline: Pipeline
 
 
 async def rig(
@@ -152,7 +195,11 @@ async def rig(
     store = SqliteStore(db)
     await store.open()
     tr = transport(port)
-    service = HoldService(store, public_url="http://guard.test", clock=clock)
+    service = HoldService(store, public_url="http://guard.test", clock=clock, lang=lang)
+    lookups = Lookups(HistoryCache(DomainHistory(db.with_suffix(".history.db"))))
+    pipeline = Pipeline(
+        gate_policy(Gate.CONFIRM), lookups, tr, queue=service, settings=Settings(secret=SECRET)
+    )
     notifier = Notifier(
         tr,
         "mailguard@example.co.jp",
@@ -163,17 +210,27 @@ async def rig(
     )
     sched = Scheduler(
         store,
-        tr,
+        pipeline,
         notifier,
         clock=clock,
+        lang=lang,
         backoff=timedelta(seconds=30),
         reporting_mta="guard.test",
     )
-    return Rig(store, service, notifier, sched, clock, tr)
+    return Rig(store, service, notifier, sched, clock, tr, pipeline)
+
+
+async def keep(
+    r: Rig, gate: Gate, *, raw: bytes = RAW, env: Envelope | None = None, **rule: Any
+) -> Reply:
+    """Send `raw` through the real pipeline under a policy that applies `gate`."""
+    r.pipeline.policy = gate_policy(gate, **rule)
+    return await r.pipeline.handle(env or envelope(), raw)
 
 
 async def close(r: Rig) -> None:
     await r.transport.close()
+    await r.pipeline.lookups.close()
     await r.store.close()
 
 

@@ -20,9 +20,10 @@ import pytest
 import pytest_asyncio
 from aiosmtpd.smtp import SMTP
 
-from mailguard.config import Config, SmtpConfig, UpstreamConfig
-from mailguard.policy.decision import PASS, Decision
-from mailguard.server import Server
+from mailguard.app import Service
+from mailguard.checks.context import Org
+from mailguard.config import Config, SmtpConfig, StoreConfig, UpstreamConfig, WebConfig
+from mailguard.policy import Policy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,26 +90,32 @@ async def sink() -> AsyncIterator[tuple[Sink, int]]:
     server.close()
 
 
-async def pass_all(view: Any) -> Decision:
-    return PASS
+# A real policy with no rules: every check runs, nothing acts, every message is relayed.
+PASS_ALL = Policy(org=Org(internal=("example.co.jp",)), rules=(), source="<tests: pass all>")
 
 
 def guard_config(up_port: int, **smtp: Any) -> Config:
+    import tempfile
+
+    store = Path(tempfile.mkdtemp(prefix="mg-test-")) / "mailguard.db"
     return Config(
         smtp=replace(SmtpConfig(listen=("127.0.0.1", 0), hostname="guard.test"), **smtp),
         upstream=UpstreamConfig(
             address=("127.0.0.1", up_port), connect_timeout=2, command_timeout=3, data_timeout=5
         ),
+        store=StoreConfig(path=store),
+        web=WebConfig(enabled=False),
     )
 
 
 @pytest_asyncio.fixture
 async def guard_factory() -> AsyncIterator[Callable[..., Any]]:
-    """Start Server(config, analyzer) on 127.0.0.1:0; stopped at the end of the test."""
-    started: list[Server] = []
+    """Start the real service (front, pipeline, relay, queue) with `policy` on 127.0.0.1:0;
+    stopped at the end of the test."""
+    started: list[Service] = []
 
-    async def start(cfg: Config, analyzer: Any = pass_all) -> Server:
-        server = Server(cfg, analyzer=analyzer)
+    async def start(cfg: Config, policy: Policy = PASS_ALL) -> Service:
+        server = Service(cfg, policy=policy)
         await server.start()
         started.append(server)
         return server

@@ -16,7 +16,6 @@ import pytest
 from conftest import ROOT, Sink, guard_config, mailguard_cmd, port_of, serve_sink
 from fault_support import cpython_email_corpus, hostile_messages, normalised, send_raw
 
-from mailguard.app import make_analyzer
 from mailguard.policy import load_policy
 
 OBSERVE = ROOT / "bench" / "policies" / "observe.toml"  # every check runs, no rule acts
@@ -86,7 +85,7 @@ async def _through_server(
     sink = Sink()
     up = await serve_sink(sink)
     cfg = guard_config(port_of(up), spool_threshold=256 * 1024, spool_dir=str(tmp_path))
-    guard = await guard_factory(cfg, make_analyzer(load_policy(OBSERVE)))
+    guard = await guard_factory(cfg, load_policy(OBSERVE))
     replies: dict[str, bytes] = {}
     took: dict[str, float] = {}
     loop = asyncio.get_running_loop()

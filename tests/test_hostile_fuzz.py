@@ -15,12 +15,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import Sink, guard_config, pass_all, port_of, serve_sink
+from conftest import PASS_ALL, Sink, guard_config, port_of, serve_sink
 from fault_support import LoopThread, normalised, stuff
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailguard.server import Server
+from mailguard.app import Service
 
 EXAMPLES = int(os.environ.get("MAILGUARD_FUZZ_EXAMPLES", "150"))
 
@@ -49,9 +49,9 @@ class Rig:
         self.lt = LoopThread()
         self.sink = Sink()
 
-        async def start() -> tuple[Any, Server]:
+        async def start() -> tuple[Any, Service]:
             up = await serve_sink(self.sink)
-            server = Server(guard_config(port_of(up), spool_threshold=2048), analyzer=pass_all)
+            server = Service(guard_config(port_of(up), spool_threshold=2048), policy=PASS_ALL)
             await server.start()
             return up, server
 

@@ -12,24 +12,24 @@ import pytest
 
 from mailguard.cli import main
 from mailguard.policy.decision import Gate
-from mailguard.queue.service import HoldService
 from mailguard.queue.sqlite import SqliteStore
 from mailguard.queue.store import State
-from tests._queue_support import RAW, SUMMARY, Clock, decision, envelope
+from tests._queue_support import close, keep, rig
 
 
 def seed(db: Path, n: int = 3) -> list[str]:
     async def go() -> list[str]:
-        clock = Clock()
-        async with SqliteStore(db) as store:
-            svc = HoldService(store, clock=clock)
+        r = await rig(db, 9)  # nothing is relayed: the pipeline only keeps
+        try:
             ids = []
             for i in range(n):
                 gate = Gate.CONFIRM if i % 2 else Gate.HOLD
-                r = await svc.keep(envelope(), RAW, decision(gate), SUMMARY)
-                ids.append(r.text.split("held as ")[1].split()[0])
-                clock.advance(seconds=1)
+                reply = await keep(r, gate)
+                ids.append(reply.text.split("held as ")[1].split()[0])
+                r.clock.advance(seconds=1)
             return ids
+        finally:
+            await close(r)
 
     return asyncio.run(go())
 
@@ -103,13 +103,13 @@ def test_entry_point_in_a_real_process(tmp_path: Path) -> None:
 @pytest.mark.asyncio
 async def test_cli_release_while_the_server_holds_the_store_open(tmp_path: Path) -> None:
     """The CLI in another process releases; the running scheduler delivers it."""
-    from tests._queue_support import RCPTS, SENDER, Sink, close, rig, serve, stop
+    from tests._queue_support import RAW, RCPTS, SENDER, Sink, close, rig, serve, stop
 
     sink = Sink()
     server, port = await serve(sink)
     r = await rig(tmp_path / "q.db", port)
     try:
-        reply = await r.service.keep(envelope(), RAW, decision(Gate.CONFIRM), SUMMARY)
+        reply = await keep(r, Gate.CONFIRM)
         qid = reply.text.split("held as ")[1].split()[0]
         proc = await asyncio.create_subprocess_exec(
             sys.executable,

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from mailguard.actions.base import Notice
 from mailguard.notify.render import is_own_notice
 from mailguard.policy.decision import Gate
 from mailguard.queue.store import State
@@ -20,16 +19,16 @@ from tests._queue_support import (
     RCPTS,
     SECRET,
     SENDER,
-    SUMMARY,
     Clock,
     Sink,
     close,
-    decision,
     envelope,
+    keep,
     link_of,
     rig,
     serve,
     stop,
+    zip_policy,
 )
 
 
@@ -50,9 +49,7 @@ async def test_hold_notice_then_expiry_sends_original_bytes(tmp_path: Path, upst
     sink, port = upstream
     r = await rig(tmp_path / "q.db", port)
     try:
-        reply = await r.service.keep(
-            envelope(), RAW, decision(Gate.HOLD, hold_for=timedelta(minutes=5)), SUMMARY
-        )
+        reply = await keep(r, Gate.HOLD, hold_for=timedelta(minutes=5))
         assert reply.code == 250 and "held as" in reply.text
         qid = held_id(reply.text)
         stats = await r.scheduler.tick()
@@ -86,9 +83,7 @@ async def test_cancel_never_sends(tmp_path: Path, upstream) -> None:
     sink, port = upstream
     r = await rig(tmp_path / "q.db", port)
     try:
-        reply = await r.service.keep(
-            envelope(), RAW, decision(Gate.HOLD, hold_for=timedelta(minutes=5)), SUMMARY
-        )
+        reply = await keep(r, Gate.HOLD, hold_for=timedelta(minutes=5))
         await r.scheduler.tick()
         token = link_of(sink.of_kind("held")[0][2]).removeprefix("/m/")
         await r.service.act(token, "cancel", client="127.0.0.1")
@@ -109,7 +104,7 @@ async def test_restart_with_message_held_then_release_delivers_once(tmp_path, up
     db = tmp_path / "q.db"
     clock = Clock()
     r1 = await rig(db, port, clock)
-    reply = await r1.service.keep(envelope(), RAW, decision(Gate.CONFIRM), SUMMARY)
+    reply = await keep(r1, Gate.CONFIRM)
     qid = held_id(reply.text)
     await close(r1)  # the process goes away with the message held
     r2 = await rig(db, port, clock)
@@ -134,9 +129,7 @@ async def test_crash_mid_delivery_redelivers_after_lease(tmp_path: Path, upstrea
     db = tmp_path / "q.db"
     clock = Clock()
     r1 = await rig(db, port, clock)
-    reply = await r1.service.keep(
-        envelope(), RAW, decision(Gate.HOLD, hold_for=timedelta(0)), SUMMARY
-    )
+    reply = await keep(r1, Gate.HOLD, hold_for=timedelta(seconds=1))
     qid = held_id(reply.text)
     await r1.store.move(qid, State.RELEASED, now=clock(), by="t", why="")
     (_c,) = await r1.store.claim_deliveries(clock(), clock() + timedelta(minutes=10), "dead")
@@ -157,7 +150,7 @@ async def test_upstream_down_during_release_retried_then_delivered(tmp_path: Pat
     await stop(server)  # upstream down
     r = await rig(tmp_path / "q.db", port)
     try:
-        reply = await r.service.keep(envelope(), RAW, decision(Gate.CONFIRM), SUMMARY)
+        reply = await keep(r, Gate.CONFIRM)
         qid = held_id(reply.text)
         await r.service.release(qid, by="api:127.0.0.1")
         stats = await r.scheduler.tick()
@@ -189,7 +182,7 @@ async def test_permanent_failure_after_250_bounces_with_rfc3464_dsn(tmp_path, up
     sink.replies[SENDER] = "550 5.1.1 <a@partner.co.jp>: Recipient address rejected"
     r = await rig(tmp_path / "q.db", port)
     try:
-        reply = await r.service.keep(envelope(), RAW, decision(Gate.CONFIRM), SUMMARY)
+        reply = await keep(r, Gate.CONFIRM)
         qid = held_id(reply.text)
         await r.service.release(qid, by="t")
         stats = await r.scheduler.tick()
@@ -227,9 +220,7 @@ async def test_confirm_unanswered_expires_and_tells_sender(tmp_path: Path, upstr
     sink, port = upstream
     r = await rig(tmp_path / "q.db", port)
     try:
-        reply = await r.service.keep(
-            envelope(), RAW, decision(Gate.CONFIRM, hold_for=timedelta(hours=1)), SUMMARY
-        )
+        reply = await keep(r, Gate.CONFIRM, hold_for=timedelta(hours=1))
         await r.scheduler.tick()
         token = link_of(sink.of_kind("confirm")[0][2]).removeprefix("/m/")
         r.clock.advance(hours=1)
@@ -253,12 +244,7 @@ async def test_confirm_deadline_with_on_timeout_send_delivers(tmp_path: Path, up
     sink, port = upstream
     r = await rig(tmp_path / "q.db", port)
     try:
-        await r.service.keep(
-            envelope(),
-            RAW,
-            decision(Gate.CONFIRM, on_timeout="send", hold_for=timedelta(minutes=30)),
-            SUMMARY,
-        )
+        await keep(r, Gate.CONFIRM, on_timeout="send", hold_for=timedelta(minutes=30))
         r.clock.advance(minutes=30)
         await r.scheduler.tick()
         assert sink.originals() == [(SENDER, RCPTS, RAW)]
@@ -273,36 +259,44 @@ async def test_keep_answers_451_when_the_store_cannot_commit(tmp_path: Path, ups
     r = await rig(tmp_path / "q.db", port)
     await r.store.close()  # the store is gone (disk error, closed during shutdown)
     try:
-        reply = await r.service.keep(envelope(), RAW, decision(Gate.HOLD), SUMMARY)
+        reply = await keep(r, Gate.HOLD)
         assert reply.code == 451
-        with pytest.raises(Exception):  # noqa: B017 - StoreError; the lead answers 451
-            await r.service.send_notices(
-                [Notice("zip-password", ("b@x",), {"password": "p"})], envelope()
-            )
+        # a zip pass must park its password first: without the store, 451 and nothing relayed
+        r.pipeline.policy = zip_policy()
+        reply = await r.pipeline.handle(envelope(), RAW)
+        assert reply.code == 451 and _sink.got == []
     finally:
         await r.transport.close()
 
 
 @pytest.mark.asyncio
 async def test_zip_password_notice_is_durable_and_delayed(tmp_path: Path, upstream) -> None:
+    """A zipped pass: the mail goes at once; the password (to the recipients, 2 min later)
+    only after the upstream took the mail; it leaves the disk once sent."""
     sink, port = upstream
     r = await rig(tmp_path / "q.db", port, charset="iso-2022-jp")
     try:
-        n = Notice(
-            "zip-password",
-            ("a@partner.co.jp",),
-            {"password": "Kq7-xP2m-Zr", "archive": "見積書.zip", "subject": "見積"},
-            send_after=timedelta(minutes=2),
+        r.pipeline.policy = zip_policy(password_to="recipients", password_delay="2m")
+        reply = await r.pipeline.handle(envelope(), RAW)
+        assert reply.code == 250 and len(sink.originals()) == 1
+        parked = await r.store._run(
+            lambda: r.store._c.execute("SELECT state, next_attempt FROM notice").fetchall()
         )
-        await r.service.send_notices([n], envelope())
+        assert [row[0] for row in parked] == ["pending"]  # released: the mail was accepted
+        assert parked[0][1] > r.clock().timestamp() + 100  # …and due 2 minutes later
+        r.clock.advance(minutes=1)
         assert (await r.scheduler.tick())["notices"] == 0
-        r.clock.advance(minutes=2)
+        r.clock.advance(minutes=1)
         assert (await r.scheduler.tick())["notices"] == 1
         (pw,) = sink.of_kind("zip-password")
+        assert pw[1] == ["a@partner.co.jp", "b@other.example.com", "c@example.co.jp"]
         msg = email.message_from_bytes(pw[2], policy=email.policy.default)
         text = msg.get_body(("plain",))
         assert text is not None and text.get_content_charset() == "iso-2022-jp"
-        assert "Kq7-xP2m-Zr" in text.get_content() and "見積書.zip" in text.get_content()
+        body = text.get_content()
+        zipped = email.message_from_bytes(sink.originals()[0][2], policy=email.policy.default)
+        names = [p.get_filename() for p in zipped.iter_attachments()]
+        assert len(names) == 1 and names[0] and names[0].endswith(".zip") and names[0] in body
         data = await r.store._run(lambda: r.store._c.execute("SELECT data FROM notice").fetchall())
         assert [row[0] for row in data] == ["{}"]  # the password left the disk
     finally:
@@ -322,7 +316,7 @@ async def test_run_loop_delivers_on_wake_and_stops(tmp_path: Path, upstream) -> 
     r.scheduler.interval = 30.0  # only wake() can make it tick again within the test
     task = asyncio.create_task(r.scheduler.run())
     try:
-        reply = await r.service.keep(envelope(), RAW, decision(Gate.CONFIRM), SUMMARY)
+        reply = await keep(r, Gate.CONFIRM)
         await r.service.release(held_id(reply.text), by="t")
         r.scheduler.wake()
         for _ in range(100):
@@ -339,14 +333,24 @@ async def test_run_loop_delivers_on_wake_and_stops(tmp_path: Path, upstream) -> 
 
 @pytest.mark.asyncio
 async def test_notices_withdrawn_when_the_mail_was_not_relayed(tmp_path: Path, upstream) -> None:
+    """The upstream refuses the zipped mail (451, then 550): no password ever goes out; once it
+    accepts, exactly one does."""
     sink, port = upstream
     r = await rig(tmp_path / "q.db", port)
     try:
-        n = Notice("zip-password", ("a@partner.co.jp",), {"password": "p-1", "subject": "x"})
-        keep = await r.service.send_notices([n], envelope())
-        drop = await r.service.send_notices([n], envelope())
-        await r.service.drop_notices(drop, envelope())  # relay answered 451 for that one
+        r.pipeline.policy = zip_policy()
+        for refusal in ("451 4.3.0 try later", "550 5.7.1 no"):
+            sink.replies[SENDER] = refusal
+            reply = await r.pipeline.handle(envelope(), RAW)
+            assert reply.code == int(refusal[:3])
+            assert (await r.scheduler.tick())["notices"] == 0
+        sink.replies.clear()
+        assert (await r.pipeline.handle(envelope(), RAW)).code == 250
         assert (await r.scheduler.tick())["notices"] == 1
-        assert len(sink.of_kind("zip-password")) == 1 and len(keep) == 1
+        assert len(sink.of_kind("zip-password")) == 1
+        rows = await r.store._run(
+            lambda: r.store._c.execute("SELECT count(*) FROM notice").fetchall()
+        )
+        assert rows[0][0] == 1  # the two withdrawn ones are gone, not failed or pending
     finally:
         await close(r)

@@ -14,11 +14,11 @@ from typing import Any
 
 import aiosmtplib
 import pytest
-from conftest import ROOT, Sink, guard_config, pass_all, port_of, serve_sink
+from conftest import PASS_ALL, ROOT, Sink, guard_config, port_of, serve_sink
 from fault_support import connect
 
+from mailguard.app import Service
 from mailguard.config import Config
-from mailguard.server import Server
 
 OUTSIDE = ("127.0.0.2", 0)  # a source address outside allowed_networks = 127.0.0.1/32
 
@@ -65,12 +65,7 @@ async def test_networks_checked_again_at_mail_after_reload(sink: Any) -> None:
     up, up_port = sink
     wide = guard_config(up_port, allowed_networks=("127.0.0.0/8",))
     narrow = replace(wide, smtp=replace(wide.smtp, allowed_networks=("127.0.0.1/32",)))
-    configs = [wide, narrow]
-
-    def load() -> tuple[Config, Any]:
-        return configs.pop(0) if len(configs) > 1 else configs[0], pass_all
-
-    server = Server(wide, load=load)
+    server = Service(wide, lambda: narrow, policy=PASS_ALL)
     await server.start()
     try:
         sess, greet = await connect(server.port, local_addr=OUTSIDE)

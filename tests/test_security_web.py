@@ -23,14 +23,11 @@ from mailguard.queue.service import new_token
 from mailguard.queue.store import State
 from mailguard.web.app import RedactingAccessLogger, make_app
 from tests._queue_support import (
-    RAW,
     SECRET,
-    SUMMARY,
     Rig,
     Sink,
     close,
-    decision,
-    envelope,
+    keep,
     link_of,
     rig,
     serve,
@@ -64,7 +61,7 @@ class Web:
     db: Path
 
     async def keep(self, gate: Gate, **kw: Any) -> tuple[str, str]:
-        reply = await self.r.service.keep(envelope(), RAW, decision(gate, **kw), SUMMARY)
+        reply = await keep(self.r, gate, **kw)
         assert reply.code == 250
         before = len(self.sink.got)
         await self.r.scheduler.tick()

@@ -19,6 +19,7 @@ from typing import Any
 from mailguard.config import load, parse_duration
 from mailguard.errors import ConfigError, StoreError
 from mailguard.queue.service import HoldService
+from mailguard.summary import Summary
 from mailguard.queue.sqlite import SqliteStore
 from mailguard.queue.store import Held, State, TransitionError
 
@@ -104,7 +105,7 @@ def _table(items: tuple[Held, ...]) -> str:
 
 
 def _show(h: Held, audit: list[dict[str, Any]]) -> str:
-    s = h.summary
+    s = Summary.from_json(h.summary)
     lines = [
         f"id:        {h.id}  (postfix {h.queue_id})",
         f"state:     {h.state.value}  gate={h.gate}  on_timeout={h.on_timeout}",
@@ -112,15 +113,16 @@ def _show(h: Held, audit: list[dict[str, Any]]) -> str:
         f"due:       {h.due.astimezone().isoformat(timespec='seconds')}",
         f"from:      {h.mail_from or '<>'}",
         f"to:        {', '.join(h.rcpt_tos)}",
-        f"subject:   {s.get('subject', '')}",
-        f"external:  {', '.join(s.get('external', [])) or '-'}",
+        f"subject:   {s.subject}",
+        f"external:  {', '.join(r.label() for r in s.external) or '-'}",
+        f"internal:  {', '.join(r.label() for r in s.internal) or '-'}",
         f"rules:     {', '.join(h.decision.get('rules', [])) or '-'}",
         f"size:      {h.size} bytes   attempts: {h.attempts}   last reply: {h.last_reply or '-'}",
     ]
-    for f in s.get("findings", []):
-        lines.append(f"finding:   {f.get('code', '')}: {f.get('reason_en', '')}")
-    for a in s.get("attachments", []):
-        lines.append(f"attached:  {a.get('filename', '')} ({a.get('size', 0)} bytes)")
+    for f in s.findings:
+        lines.append(f"finding:   {f.code}: {f.en}")
+    for a in s.attachments:
+        lines.append(f"attached:  {a.name} ({a.size} bytes)")
     lines.append("audit:")
     for a in audit:
         lines.append(f"  {a['at']}  {a['from'] or '-':>10} → {a['to']:10}  {a['by']}  {a['why']}")
