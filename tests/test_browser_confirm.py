@@ -12,24 +12,12 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestServer
 
-from mailguard.policy.decision import Gate
+from mailguard.gate import Gate
 from mailguard.queue.store import State
 from mailguard.web.app import RedactingAccessLogger, make_app
-from tests._queue_support import (
-    RAW,
-    RCPTS,
-    SECRET,
-    SENDER,
-    SUMMARY,
-    Sink,
-    close,
-    decision,
-    envelope,
-    link_of,
-    rig,
-    serve,
-    stop,
-)
+from tests._queue_support import SECRET, Sink, close, link_of, rig, serve, stop
+from tests.test_notify_render import RAW, RCPTS, SENDER, envelope
+from tests.test_web_confirm import keep_request
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -43,7 +31,7 @@ if not (CHROMIUM and DRIVER) and not os.environ.get("MAILGUARD_REQUIRE_BROWSER")
     )
 
 
-def drive(url: str, shots: Path) -> tuple[str, str]:
+def drive(url: str, shots: Path) -> tuple[str, str, str]:
     """Blocking selenium session (runs in a thread so the test's loop keeps serving HTTP)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -74,12 +62,13 @@ def drive(url: str, shots: Path) -> tuple[str, str]:
         driver.get(url)
         WebDriverWait(driver, 10).until(ec.presence_of_element_located((By.ID, "btn-send")))
         lead = driver.find_element(By.ID, "subject").text
+        external = driver.find_element(By.ID, "external").text
         driver.save_screenshot(str(shots / "confirm-page.png"))
         driver.find_element(By.ID, "btn-send").click()
         done = WebDriverWait(driver, 10).until(ec.presence_of_element_located((By.ID, "done")))
         text = done.text
         driver.save_screenshot(str(shots / "confirm-sent.png"))
-        return lead, text
+        return lead, external, text
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
@@ -96,13 +85,18 @@ async def test_confirm_page_in_headless_chromium(tmp_path: Path) -> None:
         access_log_class=RedactingAccessLogger, access_log=logging.getLogger("mailguard.web.access")
     )
     try:
-        reply = await r.service.keep(envelope(), RAW, decision(Gate.CONFIRM), SUMMARY)
-        qid = reply.text.split("held as ")[1].split()[0]
+        req = keep_request(Gate.CONFIRM)
+        reply = await r.service.keep(envelope(), RAW, req)
+        assert reply.code == 250, reply
+        qid = req.id
         await r.scheduler.tick()
         path = link_of(sink.of_kind("confirm")[0][2])
         url = str(srv.make_url(path))
-        subject, done = await asyncio.wait_for(asyncio.to_thread(drive, url, ARTIFACTS), 90)
+        subject, external, done = await asyncio.wait_for(
+            asyncio.to_thread(drive, url, ARTIFACTS), 90
+        )
         assert subject == "月次報告"
+        assert "partner.co.jp" in external and "山田 花子 <hanako@partner.co.jp>" in external
         assert "送信しました" in done
         assert (ARTIFACTS / "confirm-page.png").stat().st_size > 1000
         h = await r.store.get(qid)

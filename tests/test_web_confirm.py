@@ -1,4 +1,8 @@
-"""Confirm pages and admin API over real HTTP (aiohttp TestServer) on a real store and sink."""
+"""Confirm pages and admin API over real HTTP (aiohttp TestServer) on a real store and sink.
+
+The stored summary is the one a real message produces (tests/test_notify_render.py's
+`_summary_of`, through the analysis), never a hand-written dict.
+"""
 
 from __future__ import annotations
 
@@ -14,25 +18,14 @@ import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 
-from mailguard.policy.decision import Gate
-from mailguard.queue.store import State
+from mailguard.gate import Gate
+from mailguard.metrics import Metrics
+from mailguard.notify import human_size
+from mailguard.queue.service import KeepRequest
+from mailguard.queue.store import State, new_id
 from mailguard.web.app import RedactingAccessLogger, make_app
-from tests._queue_support import (
-    RAW,
-    RCPTS,
-    SECRET,
-    SENDER,
-    SUMMARY,
-    Rig,
-    Sink,
-    close,
-    decision,
-    envelope,
-    link_of,
-    rig,
-    serve,
-    stop,
-)
+from tests._queue_support import SECRET, Rig, Sink, close, link_of, rig, serve, stop
+from tests.test_notify_render import POLICY, RAW, RCPTS, SENDER, _summary_of, envelope, make_raw
 
 ADMIN = "admin-token-for-tests-0123456789"
 SCANNER = {
@@ -44,6 +37,21 @@ SCANNER = {
 }
 
 
+SUMMARY = _summary_of(RAW, envelope(), POLICY)
+LINKED = ("held", "confirm", "approval-request", "approval-pending")  # notices with a link
+
+
+def keep_request(gate: Gate, summary: dict[str, object] | None = None, **kw: Any) -> KeepRequest:
+    return KeepRequest(
+        id=new_id(),
+        gate=gate,
+        summary=summary or SUMMARY.to_json(),
+        decision={"action": gate.label, "rules": list(SUMMARY.rules)},
+        why=",".join(SUMMARY.rules),
+        **kw,
+    )
+
+
 @dataclass
 class Web:
     r: Rig
@@ -51,18 +59,36 @@ class Web:
     client: TestClient[Any, Any]
     woke: list[int]
     healthy: dict[str, bool]
+    metrics: Metrics
 
-    async def keep(self, gate: Gate, **kw: Any) -> tuple[str, dict[str, str]]:
+    async def keep(
+        self, gate: Gate, raw: bytes = RAW, summary: dict[str, object] | None = None, **kw: Any
+    ) -> tuple[str, dict[str, str]]:
         """Keep a message, send its notices; return (id, {kind or role: link path})."""
-        reply = await self.r.service.keep(envelope(), RAW, decision(gate, **kw), SUMMARY)
-        assert reply.code == 250
+        req = keep_request(gate, summary, **kw)
+        reply = await self.r.service.keep(envelope(), raw, req)
+        assert reply.code == 250, reply
         before = len(self.sink.got)
         await self.r.scheduler.tick()
         links = {}
-        for *_, raw in self.sink.got[before:]:
-            kind = re.search(rb"X-MailGuard-Notice: ([a-z-]+);", raw)[1].decode()  # type: ignore[index]
-            links[kind] = link_of(raw)
-        return reply.text.split("held as ")[1].split()[0], links
+        for *_, raw in self.sink.got[before:]:  # also: earlier mail delivered, outcomes
+            found = re.search(rb"X-MailGuard-Notice: ([a-z-]+);", raw)
+            if found and found[1].decode() in LINKED:
+                links[found[1].decode()] = link_of(raw)
+        return req.id, links
+
+    def posts(self, outcome: str) -> float:
+        v = self.metrics.registry.get_sample_value(
+            "mailguard_confirm_posts_total", {"outcome": outcome}
+        )
+        return v or 0.0
+
+    def decided(self, kind: str) -> tuple[float, float]:
+        """(count, sum of seconds) of mailguard_human_decision_seconds{kind}."""
+        reg = self.metrics.registry
+        n = reg.get_sample_value("mailguard_human_decision_seconds_count", {"kind": kind})
+        total = reg.get_sample_value("mailguard_human_decision_seconds_sum", {"kind": kind})
+        return n or 0.0, total or 0.0
 
     async def state(self, qid: str) -> State:
         h = await self.r.store.get(qid)
@@ -77,6 +103,7 @@ async def web(tmp_path: Path) -> AsyncIterator[Web]:
     r = await rig(tmp_path / "q.db", port)
     woke: list[int] = []
     healthy = {"up": True}
+    metrics = Metrics()
 
     async def upstream_check() -> bool:
         return healthy["up"]
@@ -90,6 +117,7 @@ async def web(tmp_path: Path) -> AsyncIterator[Web]:
         rate_limit=(5, 600.0),
         upstream_check=upstream_check,
         on_change=lambda: woke.append(1),
+        metrics=metrics,
     )
     srv = TestServer(app)
     await srv.start_server(
@@ -98,7 +126,7 @@ async def web(tmp_path: Path) -> AsyncIterator[Web]:
     client = TestClient(srv)
     await client.start_server()
     try:
-        yield Web(r, sink, client, woke, healthy)
+        yield Web(r, sink, client, woke, healthy, metrics)
     finally:
         await client.close()
         await close(r)
@@ -111,6 +139,11 @@ def csrf(html: str, action: str) -> str:
     return m[1]
 
 
+def between(html: str, start: str, end: str) -> str:
+    assert start in html, html
+    return html.split(start, 1)[1].split(end, 1)[0]
+
+
 @pytest.mark.asyncio
 async def test_page_shows_what_is_about_to_happen(web: Web) -> None:
     _, links = await web.keep(Gate.CONFIRM)
@@ -118,11 +151,26 @@ async def test_page_shows_what_is_about_to_happen(web: Web) -> None:
     assert resp.status == 200
     html = await resp.text()
     assert "月次報告" in html and "送信確認" in html
-    ext = html.split('id="external"')[1].split("</ul>")[0]
-    assert "a@partner.co.jp" in ext and "b@other.example.com" in ext and "c@example" not in ext
-    assert "c@example.co.jp" in html.split('id="internal"')[1]
-    assert SUMMARY["findings"][0]["reason_ja"] in html
-    assert "顧客リスト.xlsx" in html and "47.1 KB" in html
+    assert "田中 太郎 &lt;taro@example.co.jp&gt;" in between(html, 'id="sender">', "</span>")
+    # external: grouped by organisation, with names, never the internal address
+    ext = between(html, 'id="external"', "</div>")
+    orgs = [between(h, ">", "<") for h in ext.split('<h3 class="org"')[1:]]
+    assert orgs == ["partner.co.jp", "example.com", "rival.co.jp"]
+    partner = between(ext, "partner.co.jp", '<h3 class="org"')
+    assert "山田 花子 &lt;hanako@partner.co.jp&gt;" in partner and "ichiro@partner.co.jp" in partner
+    assert "Suzuki Jiro &lt;suzuki@other.example.com&gt;" in ext
+    assert "audit@rival.co.jp" in between(ext, "rival.co.jp", "</ul>")
+    assert "chika" not in ext
+    assert '<span class="count">4</span>' in between(html, "社外の宛先", "</h2>")
+    assert "3 社" in between(html, "社外の宛先", "</h2>")
+    internal = between(html, 'id="internal"', "</ul>")
+    assert "佐藤 千佳 &lt;chika@example.co.jp&gt;" in internal and "partner" not in internal
+    assert SUMMARY.findings
+    for f in SUMMARY.findings:  # in plain words, as the checks wrote them
+        assert f.ja in between(html, 'id="findings"', "</ul>")
+    att = between(html, 'id="attachments"', "</table>")
+    assert "顧客リスト.xlsx" in att and human_size(SUMMARY.attachments[0].size) in att
+    assert "KB" in att
     assert "body line 1" not in html  # never the content
     assert 'id="btn-send"' in html and 'id="btn-cancel"' in html
     assert "<script" not in html and "http://" not in html.split("<body>")[1].split("<footer>")[0]
@@ -133,7 +181,9 @@ async def test_page_shows_what_is_about_to_happen(web: Web) -> None:
         await web.client.get(links["confirm"], headers={"Accept-Language": "en-US,en;q=0.9"})
     ).text()
     assert "Confirm your message" in en and "External recipients" in en
-    assert SUMMARY["findings"][0]["reason_en"] in en
+    assert "3 organisations" in en
+    for f in SUMMARY.findings:
+        assert f.en in en
     switched = await (
         await web.client.get(links["confirm"] + "?lang=ja", headers={"Accept-Language": "en"})
     ).text()
@@ -141,10 +191,55 @@ async def test_page_shows_what_is_about_to_happen(web: Web) -> None:
 
 
 @pytest.mark.asyncio
+async def test_page_escapes_what_the_sender_wrote(web: Web) -> None:
+    evil = '<img src=x onerror="alert(1)">'
+    raw = make_raw(evil_name=evil)
+    summary = _summary_of(raw, envelope(), POLICY).to_json()
+    _, links = await web.keep(Gate.CONFIRM, raw=raw, summary=summary)
+    html = await (await web.client.get(links["confirm"])).text()
+    assert "<img" not in html and "&lt;img src=x onerror=" in html
+
+
+@pytest.mark.asyncio
+async def test_hold_page_offers_send_now_only_when_the_rule_allows_it(web: Web) -> None:
+    _, links = await web.keep(Gate.HOLD, wait=timedelta(minutes=5))
+    plain = await (await web.client.get(links["held"])).text()
+    assert 'id="btn-send"' not in plain and 'id="btn-cancel"' in plain
+    assert "今すぐ送信" not in plain
+    _, links = await web.keep(Gate.HOLD, wait=timedelta(minutes=5), allow_send_now=True)
+    now = await (await web.client.get(links["held"])).text()
+    assert 'id="btn-send"' in now and "今すぐ送信する" in between(now, 'id="btn-send"', "</button>")
+    assert "今すぐ送信する" in between(now, 'id="lead">', "</p>")
+    # the notice the sender received says so too
+    texts = [notice_text(g[2]) for g in web.sink.of_kind("held")]
+    assert ["今すぐ送信" in t for t in texts] == [False, True]
+
+
+def notice_text(raw: bytes) -> str:
+    import email
+    import email.policy
+
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    part = msg.get_body(("plain",))  # type: ignore[attr-defined]
+    assert part is not None
+    return str(part.get_content())
+
+
+@pytest.mark.asyncio
+async def test_notices_list_the_recipients_the_page_shows(web: Web) -> None:
+    """End to end through the queue and the scheduler: the confirm mail shows the summary."""
+    await web.keep(Gate.CONFIRM)
+    (notice,) = web.sink.of_kind("confirm")
+    body = notice_text(notice[2])
+    assert "社外の宛先: 3 社・4 件" in body
+    assert "山田 花子 <hanako@partner.co.jp>" in body
+    assert "佐藤 千佳 <chika@example.co.jp> (Cc)" in body
+    assert "顧客リスト.xlsx" in body
+
+
+@pytest.mark.asyncio
 async def test_get_head_options_and_scanners_never_change_state(web: Web) -> None:
-    qid, links = await web.keep(
-        Gate.HOLD, hold_for=timedelta(minutes=5), options={"allow_send_now": True}
-    )
+    qid, links = await web.keep(Gate.HOLD, wait=timedelta(minutes=5), allow_send_now=True)
     url = links["held"]
     for _ in range(3):
         assert (await web.client.get(url, headers=SCANNER)).status == 200
@@ -200,7 +295,7 @@ async def test_send_releases_delivers_once_and_the_link_is_then_used(web: Web) -
 
 @pytest.mark.asyncio
 async def test_expired_token_is_refused(web: Web) -> None:
-    qid, links = await web.keep(Gate.CONFIRM, hold_for=timedelta(hours=1))
+    qid, links = await web.keep(Gate.CONFIRM, wait=timedelta(hours=1))
     url = links["confirm"]
     html = await (await web.client.get(url)).text()
     web.r.clock.advance(hours=1)  # deadline passed, scheduler has not run yet
@@ -347,3 +442,59 @@ async def test_tokens_never_reach_the_logs(web: Web, caplog: pytest.LogCaptureFi
     await web.client.get(links["confirm"])
     assert "/m/…" in caplog.text
     assert token not in caplog.text
+
+
+@pytest.mark.asyncio
+async def test_metrics_count_every_post_and_time_each_decision(web: Web) -> None:
+    _, links = await web.keep(Gate.CONFIRM)
+    url = links["confirm"]
+    html = await (await web.client.get(url)).text()
+    assert (await web.client.post(url, data={"action": "send"})).status == 403
+    assert web.posts("invalid") == 1
+    web.r.clock.advance(seconds=90)  # the sender reads the page for a minute and a half
+    ok = await web.client.post(url, data={"action": "send", "csrf_send": csrf(html, "send")})
+    assert ok.status == 200
+    assert web.posts("released") == 1 and web.decided("confirm") == (1.0, 90.0)
+    again = await web.client.post(url, data={"action": "send", "csrf_send": csrf(html, "send")})
+    assert again.status == 410 and web.posts("used") == 1
+    assert web.decided("confirm") == (1.0, 90.0)  # a refused POST decides nothing
+
+    _, links = await web.keep(Gate.APPROVE, approvers=("boss@example.co.jp",))
+    page = await (await web.client.get(links["approval-request"])).text()
+    mine = await (await web.client.get(links["approval-pending"])).text()
+    web.r.clock.advance(minutes=10)
+    await web.client.post(
+        links["approval-request"],
+        data={"action": "refuse", "csrf_refuse": csrf(page, "refuse")},
+    )
+    assert web.posts("denied") == 1 and web.decided("approve") == (1.0, 600.0)
+    late = await web.client.post(
+        links["approval-pending"], data={"action": "cancel", "csrf_cancel": csrf(mine, "cancel")}
+    )
+    assert late.status == 410 and web.posts("used") == 2  # decided through the other link
+
+    _, links = await web.keep(Gate.HOLD, wait=timedelta(minutes=5))
+    held = await (await web.client.get(links["held"])).text()
+    await web.client.post(
+        links["held"], data={"action": "cancel", "csrf_cancel": csrf(held, "cancel")}
+    )
+    assert web.posts("cancelled") == 1 and web.decided("hold")[0] == 1.0
+
+    _, links = await web.keep(Gate.CONFIRM, wait=timedelta(hours=1))
+    page = await (await web.client.get(links["confirm"])).text()
+    web.r.clock.advance(hours=1)
+    gone = await web.client.post(
+        links["confirm"], data={"action": "send", "csrf_send": csrf(page, "send")}
+    )
+    assert gone.status == 410 and web.posts("expired") == 1
+
+    for i in range(5):  # unknown tokens: invalid; then 5 misses reach the limit: 429
+        await web.client.post(f"/m/GuessedToken{i:04d}abcdefghijklmnop", data={"action": "send"})
+    assert web.posts("invalid") == 6
+    for i in range(5):  # (a POST without a valid form never reaches the token lookup)
+        await web.client.get(f"/m/GuessedToken{i:04d}abcdefghijklmnop")
+    limited = await web.client.post(
+        links["confirm"], data={"action": "send", "csrf_send": csrf(page, "send")}
+    )
+    assert limited.status == 429 and web.posts("rate_limited") == 1
+    assert web.posts("approved") == 0

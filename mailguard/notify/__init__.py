@@ -1,5 +1,25 @@
 """Notify stage: the guard's own mails (hold, confirm, approval, outcome, zip password)."""
 
-from mailguard.notify.render import HEADER, KINDS, Notifier, is_own_notice, own_notice_kind
+from mailguard.notify.render import (
+    HEADER,
+    KINDS,
+    MailSender,
+    Notifier,
+    human_size,
+    is_own_notice,
+    langs_of,
+    own_notice_kind,
+    summary_of,
+)
 
-__all__ = ["HEADER", "KINDS", "Notifier", "is_own_notice", "own_notice_kind"]
+__all__ = [
+    "HEADER",
+    "KINDS",
+    "MailSender",
+    "Notifier",
+    "human_size",
+    "is_own_notice",
+    "langs_of",
+    "own_notice_kind",
+    "summary_of",
+]

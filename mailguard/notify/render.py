@@ -1,18 +1,27 @@
-"""Notify stage: render and send the guard's own mails (hold, confirm, approval, outcome, password).
+"""Notify stage: render the guard's own mails (hold, confirm, approval, outcome, password).
 
 A template `<kind>.txt.j2` renders the whole plain-text mail: the first line is `Subject: …`, then a
 blank line, then the body. The HTML part comes from `<kind>.html.j2` when it exists, otherwise
-from `_layout.html.j2` wrapping the escaped text (links made clickable). Templates see `langs`
-(["ja"], ["en"] or ["ja", "en"]), `tr(ja, en)`, `data` (the notice's variables) and `when(iso)`.
+from `_layout.html.j2` wrapping the escaped text (links made clickable). Templates see:
+
+* `d` (alias `data`): the notice data as queued (see docs/queue.md for each kind's keys);
+* `s`: the message's `mailguard.summary.Summary`, read from `d.summary` (empty when absent);
+* `langs`: ["ja"], ["en"] or ["ja", "en"] (`ja+en`: both in one mail, Japanese first);
+* `tr(ja, en)`: the strings of `langs` joined by " / " (subjects);
+* `when(iso)`: a local date and time; `size(n)`: "47.1 KB"; `to`: the notice's recipients.
+
 An admin directory (notify.templates) overrides any shipped file of the same name.
 
 MIME: multipart/alternative, text/plain then text/html. With charset "iso-2022-jp" the text part is
 ISO-2022-JP 7bit and the subject is RFC 2047 ISO-2022-JP (what older Japanese clients expect); a
 text that JIS X 0208 cannot encode (emoji, rare kanji) falls back to UTF-8 rather than garble.
 The HTML part is always UTF-8 (base64). Every notice carries `Auto-Submitted: auto-generated`
-(RFC 3834: no auto-replies) and `X-MailGuard-Notice: <kind>; sig=<hmac>`: the signature covers the
-kind and the body, so `is_own_notice` can tell the guard's own mail from a sender who merely
+(RFC 3834: no auto-replies) and `X-MailGuard-Notice: <kind>; sig=<hmac>`: the signature covers
+the kind and the body, so `is_own_notice` can tell the guard's own mail from a sender who merely
 copied the header to slip past the guard.
+
+Sending: the notifier does not know the relay. It hands the rendered bytes to any `MailSender`
+(the server's upstream transport), with the envelope from `envelope_for`.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ import html
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, tzinfo
 from email import policy as email_policy
 from email.charset import BASE64, Charset
 from email.header import Header
@@ -32,14 +41,14 @@ from email.mime.text import MIMEText
 from email.parser import BytesHeaderParser
 from email.utils import format_datetime, formataddr, make_msgid
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 from zoneinfo import ZoneInfo
 
 import jinja2
 from markupsafe import Markup
 
 from mailguard.envelope import Envelope, Reply
-from mailguard.relay.base import Transport
+from mailguard.summary import Summary
 
 log = logging.getLogger("mailguard.notify")
 
@@ -55,10 +64,49 @@ KINDS = (
 )
 
 
-def _langs(lang: str) -> list[str]:
-    if lang in ("ja+en", "both"):
+# Notices about one message: they show its Summary (d.summary).
+ABOUT_A_MESSAGE = frozenset(KINDS) - {"zip-password"}
+
+
+class MailSender(Protocol):
+    """Whatever hands a finished mail to the upstream MTA (the server's relay transport).
+
+    Must not raise for upstream trouble: 2xx accepted, 4xx try later, 5xx refused.
+    """
+
+    async def send(self, env: Envelope, raw: bytes) -> Reply: ...
+
+
+def langs_of(lang: str) -> list[str]:
+    """ "ja" → ["ja"], "en" → ["en"], "ja+en" (or "both") → ["ja", "en"], "en+ja" → ["en", "ja"].
+
+    Anything else (an unknown tag, "") falls back to Japanese rather than fail a notice.
+    """
+    lang = lang.strip().lower()
+    if lang == "both":
         return ["ja", "en"]
-    return ["en"] if lang.startswith("en") else ["ja"]
+    out: list[str] = []
+    for tag in lang.replace(",", "+").split("+"):
+        base = tag.strip()[:2]
+        if base in ("ja", "en") and base not in out:
+            out.append(base)
+    return out or ["ja"]
+
+
+def human_size(n: int) -> str:
+    """Bytes for people: "512 B", "47.1 KB", "3.2 MB"."""
+    size = float(max(n, 0))
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # not reached
+
+
+def summary_of(data: Mapping[str, object]) -> Summary:
+    """The Summary a notice carries (`data["summary"]`, i.e. `Summary.to_json()`)."""
+    raw = data.get("summary")
+    return Summary.from_json(raw) if isinstance(raw, Mapping) else Summary()
 
 
 def _body_digest(body: bytes) -> bytes:
@@ -103,11 +151,11 @@ def is_own_notice(raw: bytes, secret: bytes | str) -> bool:
 
 
 class Notifier:
-    """Renders notices with jinja2 and sends them through the same Transport as mail."""
+    """Renders notices with jinja2 into complete mails and hands them to a `MailSender`."""
 
     def __init__(
         self,
-        transport: Transport,
+        mailer: MailSender,
         sender: str,
         *,
         charset: str = "utf-8",
@@ -120,14 +168,15 @@ class Notifier:
     ) -> None:
         if charset not in ("utf-8", "iso-2022-jp"):
             raise ValueError(f"charset {charset!r} (expected utf-8 or iso-2022-jp)")
-        self.transport = transport
+        self.mailer = mailer
         self.sender = sender
         self.charset = charset
-        self.lang = lang
+        self.lang = lang  # "ja", "en" or "ja+en"; a notice's own data["lang"] wins
         self.public_url = public_url.rstrip("/")
         self.secret = secret.encode() if isinstance(secret, str) else secret
+        self.tz: tzinfo | None
         try:
-            self.tz: Any = ZoneInfo(timezone)
+            self.tz = ZoneInfo(timezone)
         except Exception:  # no tzdata on the box: show UTC rather than fail a notice
             self.tz = None
         self.domain = hostname or (sender.rpartition("@")[2] or "localhost")
@@ -150,6 +199,9 @@ class Notifier:
             trim_blocks=True,
             lstrip_blocks=True,
         )
+        for env in (self._text_env, self._html_env):  # macros see globals, not the context
+            env.globals["size"] = human_size
+            env.globals["when"] = self._when
 
     # -- rendering -----------------------------------------------------------------------------
 
@@ -161,32 +213,45 @@ class Notifier:
             d = d.astimezone(self.tz)
         return d.strftime("%Y-%m-%d %H:%M %Z").strip()
 
-    def _context(self, data: Mapping[str, Any], lang: str, to: Sequence[str]) -> dict[str, Any]:
-        langs = _langs(lang)
+    def lang_of(self, data: Mapping[str, object], lang: str | None = None) -> str:
+        """The language a notice is rendered in: explicit, else the notice's, else the default."""
+        return lang or str(data.get("lang") or "") or self.lang
+
+    def _context(
+        self, kind: str, data: Mapping[str, object], lang: str, to: Sequence[str]
+    ) -> dict[str, object]:
+        langs = langs_of(lang)
 
         def tr(ja: str, en: str) -> str:
             return " / ".join(s for s, lg in ((ja, "ja"), (en, "en")) if lg in langs)
 
-        return {
+        if kind in ABOUT_A_MESSAGE and not isinstance(data.get("summary"), Mapping):
+            log.warning("%s notice (id=%s) carries no summary", kind, data.get("id", "-"))
+        ctx: dict[str, object] = {
             "d": data,
             "data": data,
+            "s": summary_of(data),
             "to": list(to),
             "langs": langs,
             "tr": tr,
-            "when": self._when,
         }
+        return ctx
 
     def render_text(
-        self, kind: str, data: Mapping[str, Any], lang: str | None = None, to: Sequence[str] = ()
+        self,
+        kind: str,
+        data: Mapping[str, object],
+        lang: str | None = None,
+        to: Sequence[str] = (),
     ) -> tuple[str, str, str]:
         """(subject, text body, html body) for one notice."""
-        ctx = self._context(data, lang or str(data.get("lang") or self.lang), to)
+        ctx = self._context(kind, data, self.lang_of(data, lang), to)
         full = self._text_env.get_template(f"{kind}.txt.j2").render(ctx)
         first, _, body = full.partition("\n")
         if not first.lower().startswith("subject:"):
             raise ValueError(f"{kind}.txt.j2: the first line must be 'Subject: …'")
         subject = first.split(":", 1)[1].strip()
-        body = body.lstrip("\n")
+        body = _tidy(body)
         try:
             page = self._html_env.get_template(f"{kind}.html.j2").render(ctx)
         except jinja2.TemplateNotFound:
@@ -196,9 +261,13 @@ class Notifier:
         return subject, body, page
 
     def render(
-        self, kind: str, to: Sequence[str], data: Mapping[str, Any], lang: str | None = None
+        self,
+        kind: str,
+        to: Sequence[str],
+        data: Mapping[str, object],
+        lang: str | None = None,
     ) -> bytes:
-        """The notice as a complete RFC 5322 message (CRLF line ends)."""
+        """The notice as a complete, sealed RFC 5322 message (CRLF line ends)."""
         subject, text, page = self.render_text(kind, data, lang, to)
         msg = MIMEMultipart("alternative")
         text_part = self._text_part(text)
@@ -236,28 +305,38 @@ class Notifier:
 
     # -- sending -------------------------------------------------------------------------------
 
+    def envelope_for(
+        self, to: Sequence[str], *, null_sender: bool = False, msg_id: str = "-"
+    ) -> Envelope:
+        """The envelope a notice goes out with: MAIL FROM notify.sender, or <> (outcomes, DSNs:
+        nothing may answer them); XFORWARD IDENT = the message id, for the upstream's log."""
+        return Envelope(
+            mail_from="" if null_sender else self.sender,
+            rcpt_tos=list(to),
+            xforward={"IDENT": msg_id} if msg_id and msg_id != "-" else {},
+        )
+
     async def send(
         self,
         kind: str,
         to: Sequence[str],
-        data: Mapping[str, Any],
+        data: Mapping[str, object],
         *,
         null_sender: bool = False,
         lang: str | None = None,
-        queue_id: str = "-",
+        msg_id: str = "-",
     ) -> Reply:
+        """Render and hand over one notice."""
         raw = self.render(kind, to, data, lang)
-        return await self.send_raw(raw, to, null_sender=null_sender, queue_id=queue_id)
+        return await self.send_raw(raw, to, null_sender=null_sender, msg_id=msg_id)
 
     async def send_raw(
-        self, raw: bytes, to: Sequence[str], *, null_sender: bool = False, queue_id: str = "-"
+        self, raw: bytes, to: Sequence[str], *, null_sender: bool = False, msg_id: str = "-"
     ) -> Reply:
-        env = Envelope(
-            mail_from="" if null_sender else self.sender,
-            rcpt_tos=list(to),
-            xforward={"IDENT": queue_id} if queue_id != "-" else {},
+        """Hand an already rendered (sealed) notice or DSN to the mailer."""
+        return await self.mailer.send(
+            self.envelope_for(to, null_sender=null_sender, msg_id=msg_id), raw
         )
-        return await self.transport.send(env, raw)
 
 
 def _encodable(s: str, charset: str) -> bool:
@@ -270,6 +349,11 @@ def _encodable(s: str, charset: str) -> bool:
 
 def _as_bytes(msg: MIMEMultipart) -> bytes:
     return msg.as_bytes(policy=email_policy.compat32.clone(linesep="\r\n", max_line_length=78))
+
+
+def _tidy(body: str) -> str:
+    """No leading blank lines, at most one blank line in a row (templates stay readable)."""
+    return re.sub(r"\n{3,}", "\n\n", body.lstrip("\n"))
 
 
 _URL = re.compile(r"https?://[^\s<>\"']+")

@@ -8,6 +8,12 @@ Unknown tokens are counted per client address and answered 429 past the limit, s
 assets), in Japanese and English (Accept-Language, `?lang=`), and sent with no-referrer /
 no-store / noindex headers. Tokens never reach a log line: use `start_web()` (or pass
 `access_log_class=RedactingAccessLogger` to your AppRunner) to keep them out of access logs.
+
+The page shows the message's `Summary` as the queue stored it (`Summary.from_json(held.summary)`):
+internal and external recipients (external grouped by organisation, with display names), the
+findings in plain words, attachment names and sizes, and the actions `PageView.actions` allows.
+With `metrics`, every POST to a page counts in mailguard_confirm_posts_total{outcome} and every
+action carried out observes the time from arrival to the person's decision.
 """
 
 from __future__ import annotations
@@ -21,9 +27,9 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import datetime
+from datetime import datetime, tzinfo
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import jinja2
 import yarl
@@ -31,8 +37,13 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from mailguard.errors import StoreError
+from mailguard.notify.render import human_size
 from mailguard.queue.service import HoldService
 from mailguard.queue.store import Held, HeldStore, State, TokenError, TransitionError
+from mailguard.summary import Recipient, Summary
+
+if TYPE_CHECKING:
+    from mailguard.metrics import Metrics
 
 log = logging.getLogger("mailguard.web")
 
@@ -60,9 +71,16 @@ T: dict[str, dict[str, str]] = {
     "title.approve": {"ja": "送信承認", "en": "Approve this message"},
     "title.pending": {"ja": "承認待ちのメール", "en": "Waiting for approval"},
     "lead.hold": {
-        "ja": "このメールは {due} に自動的に送信されます。"
+        "ja": "このメールは保留中で、{due} に自動的に送信されます。"
         "送信をやめる場合は「取り消す」を押してください。",
-        "en": "This message will be sent automatically at {due}. Press “Cancel” to stop it.",
+        "en": "This message is on hold and will be sent automatically at {due}. "
+        "Press “Cancel” to stop it.",
+    },
+    "lead.hold_now": {
+        "ja": "このメールは保留中で、{due} に自動的に送信されます。"
+        "宛先を確認できたら「今すぐ送信する」、送信をやめる場合は「取り消す」を押してください。",
+        "en": "This message is on hold and will be sent automatically at {due}. "
+        "Press “Send now” once you have checked it, or “Cancel” to stop it.",
     },
     "lead.confirm": {
         "ja": "宛先と添付ファイルを確認してください。{due} までに確認がない場合は{timeout}。",
@@ -82,16 +100,25 @@ T: dict[str, dict[str, str]] = {
     "timeout.cancel": {"ja": "取り消されます", "en": "cancelled"},
     "subject": {"ja": "件名", "en": "Subject"},
     "from": {"ja": "差出人", "en": "From"},
+    "envelope_from": {"ja": "送信元（エンベロープ）", "en": "envelope sender"},
     "external": {"ja": "社外の宛先", "en": "External recipients"},
     "internal": {"ja": "社内の宛先", "en": "Internal recipients"},
     "findings": {"ja": "確認が必要な理由", "en": "Why this needs a look"},
     "attachments": {"ja": "添付ファイル", "en": "Attachments"},
     "none": {"ja": "なし", "en": "none"},
+    "orgs": {"ja": "{n} 社", "en": "{n} organisations"},
+    "org": {"ja": "1 社", "en": "1 organisation"},
+    "field.cc": {"ja": "Cc", "en": "Cc"},
+    "field.bcc": {"ja": "Bcc", "en": "Bcc"},
+    "field.hidden": {"ja": "Bcc", "en": "Bcc"},
+    "noname": {"ja": "（名前なし）", "en": "(no name)"},
+    "nosubject": {"ja": "（件名なし）", "en": "(no subject)"},
     "reason": {
         "ja": "コメント（任意。送信者に伝えられます）",
         "en": "Comment (optional, sent to the sender)",
     },
     "btn.send": {"ja": "送信する", "en": "Send"},
+    "btn.send_now": {"ja": "今すぐ送信する", "en": "Send now"},
     "btn.cancel": {"ja": "取り消す", "en": "Cancel"},
     "btn.approve": {"ja": "承認する", "en": "Approve"},
     "btn.refuse": {"ja": "却下する", "en": "Refuse"},
@@ -174,14 +201,6 @@ def pick_lang(request: web.Request, default: str) -> str:
     return "en" if default.startswith("en") else "ja"
 
 
-def human_size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n = n / 1024  # type: ignore[assignment]
-    return f"{n} B"
-
-
 class RateLimiter:
     """At most `limit` misses per `window` seconds per client address (unknown tokens)."""
 
@@ -233,8 +252,9 @@ class _Web:
         upstream_check: Callable[[], Awaitable[bool]] | None,
         on_change: Callable[[], None] | None,
         min_dwell: float,
-        timezone: Any,
+        timezone: tzinfo | None,
         public_url: str,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         u = yarl.URL(public_url) if public_url else None
@@ -248,6 +268,7 @@ class _Web:
         self.on_change = on_change
         self.min_dwell = min_dwell
         self.tz = timezone
+        self.metrics = metrics
         self.jinja = jinja2.Environment(
             loader=jinja2.FileSystemLoader(str(TEMPLATES)),
             autoescape=True,
@@ -281,8 +302,8 @@ class _Web:
     def when(self, d: datetime) -> str:
         return d.astimezone(self.tz).strftime("%Y-%m-%d %H:%M %Z").strip()
 
-    def render(self, name: str, lang: str, status: int = 200, **ctx: Any) -> web.Response:
-        def t(key: str, **kw: Any) -> str:
+    def render(self, name: str, lang: str, status: int = 200, /, **ctx: object) -> web.Response:
+        def t(key: str, **kw: object) -> str:
             s = T[key][lang]
             return s.format(**kw) if kw else s
 
@@ -312,61 +333,97 @@ class _Web:
                 self.limiter.miss(ip)
             return self.gone(lang, e.reason, e.held)
         held = view.held
-        mode = held.gate if view.token.role == "sender" or held.gate != "approve" else "approve"
-        if held.gate == "approve" and view.token.role == "sender":
-            mode = "pending"
-        s = held.summary
-        ctx = {
+        if view.token.role == "approver":
+            mode = "approve"
+        elif held.gate == "approve":
+            mode = "pending"  # the sender's own link while an approver decides
+        else:
+            mode = held.gate  # "hold" or "confirm"
+        hold_now = mode == "hold" and "send" in view.actions  # the policy allows "send now"
+        lead = "lead.hold_now" if hold_now else f"lead.{mode}"
+        ctx = self.page_context(held, lang, mode, lead)
+        ctx["actions"] = view.actions
+        ctx["csrf"] = {a: self.csrf(token, a) for a in view.actions}
+        return self.render("page.html.j2", lang, **ctx)
+
+    def page_context(self, held: Held, lang: str, mode: str, lead: str) -> dict[str, object]:
+        """What the page shows about one kept message, from its stored Summary."""
+        s = Summary.from_json(held.summary)
+        sender = s.sender or held.mail_from
+        envelope_from = held.mail_from if held.mail_from.lower() not in sender.lower() else ""
+
+        def person(r: Recipient) -> dict[str, str]:
+            return {
+                "label": r.label(),
+                "field": T[f"field.{r.field}"][lang] if r.field != "to" else "",
+            }
+
+        groups = s.by_org()
+        return {
             "mode": mode,
-            "subject": s.get("subject", ""),
-            "sender": held.mail_from or s.get("from", ""),
-            "external": list(s.get("external", [])),
-            "internal": list(s.get("internal", [])),
-            "findings": [
-                f.get("reason_ja" if lang == "ja" else "reason_en", "")
-                for f in s.get("findings", [])
-            ],
+            "lead": lead,
+            "subject": s.subject,
+            "sender": sender,
+            "envelope_from": envelope_from,
+            "external": [(org, [person(r) for r in rs]) for org, rs in groups],
+            "external_count": len(s.external),
+            "orgs": T["org"][lang] if len(groups) == 1 else T["orgs"][lang].format(n=len(groups)),
+            "internal": [person(r) for r in s.internal],
+            "findings": [f.text(lang) for f in s.findings],
             "attachments": [
                 {
-                    "filename": a.get("filename", "") or "(no name)",
-                    "size": human_size(int(a.get("size", 0) or 0)),
-                    "content_type": a.get("content_type", ""),
+                    "name": a.name or T["noname"][lang],
+                    "size": human_size(a.size),
+                    "content_type": a.content_type,
                 }
-                for a in s.get("attachments", [])
+                for a in s.attachments
             ],
             "due": self.when(held.due),
             "timeout": "send" if held.on_timeout == "send" else "cancel",
-            "actions": view.actions,
-            "csrf": {a: self.csrf(token, a) for a in view.actions},
             "other_lang": "en" if lang == "ja" else "ja",
         }
-        return self.render("page.html.j2", lang, **ctx)
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.confirm_post(outcome)
 
     async def act(self, request: web.Request) -> web.StreamResponse:
         lang = pick_lang(request, self.lang_default)
         ip = request.remote or "-"
         if self.limiter.blocked(ip):
+            self._count("rate_limited")
             return self.gone(lang, "limited")
         origin = request.headers.get("Origin")
         if origin not in (None, "null", *self.origins, f"{request.scheme}://{request.host}"):
+            self._count("invalid")
             return self.gone(lang, "forbidden")  # a form on some other site posting here
         token = request.match_info["token"]
         form = await request.post()
         action = str(form.get("action", ""))
         lang = str(form.get("lang", "")) if form.get("lang") in ("ja", "en") else lang
-        if action not in ("send", "cancel", "approve", "refuse"):
+        if action not in ACTION_OUTCOME:
+            self._count("invalid")
             return self.gone(lang, "forbidden")
         bad = self.csrf_ok(token, action, str(form.get(f"csrf_{action}", "")))
         if bad:
+            self._count("invalid")
             return self.gone(lang, bad)
         try:
-            await self.service.act(token, action, reason=str(form.get("reason", "")), client=ip)
+            held = await self.service.act(
+                token, action, reason=str(form.get("reason", "")), client=ip
+            )
         except TokenError as e:
             if e.reason == "unknown":
                 self.limiter.miss(ip)
+            self._count(_token_outcome(e))
             return self.gone(lang, e.reason, e.held)
         except ValueError:
+            self._count("invalid")
             return self.gone(lang, "forbidden")
+        self._count(ACTION_OUTCOME[action])
+        if self.metrics is not None:
+            decided = held.updated or self.service.clock()
+            self.metrics.human_decided(held.gate, (decided - held.created).total_seconds())
         if self.on_change is not None and action in ("send", "approve"):
             self.on_change()
         return self.render("done.html.j2", lang, action=action)
@@ -472,6 +529,26 @@ class _Web:
         )
 
 
+# mailguard_confirm_posts_total{outcome}: what a POST that was carried out did
+ACTION_OUTCOME = {
+    "send": "released",
+    "cancel": "cancelled",
+    "approve": "approved",
+    "refuse": "denied",
+}
+
+
+def _token_outcome(e: TokenError) -> str:
+    """The confirm-post outcome of a token that could not act."""
+    if e.reason == "unknown":
+        return "invalid"
+    if e.reason == "expired" or (
+        e.reason == "decided" and e.held and e.held.state is State.EXPIRED
+    ):
+        return "expired"
+    return "used"  # used, or the message was already decided through another link
+
+
 WEB_KEY: web.AppKey[_Web] = web.AppKey("mailguard.web", _Web)
 
 
@@ -514,15 +591,18 @@ def make_app(
     on_change: Callable[[], None] | None = None,
     min_dwell: float = 0.0,
     timezone: str = "Asia/Tokyo",
+    metrics: Metrics | None = None,
 ) -> web.Application:
     """The aiohttp application. `secret` "" = random per start (pages outlive no restart);
     `on_change` is called after a release (pass Scheduler.wake); `min_dwell` > 0 refuses a POST
-    that follows its page faster than a person could read it."""
+    that follows its page faster than a person could read it; `metrics` counts page POSTs and
+    observes the time to each person's decision."""
     from zoneinfo import ZoneInfo
 
     key = secret.encode() if isinstance(secret, str) else secret
+    tz: tzinfo | None
     try:
-        tz: Any = ZoneInfo(timezone)
+        tz = ZoneInfo(timezone)
     except Exception:
         tz = None
     w = _Web(
@@ -537,6 +617,7 @@ def make_app(
         min_dwell,
         tz,
         public_url,
+        metrics,
     )
     app = web.Application(middlewares=[security_headers], client_max_size=64 * 1024)
     app[WEB_KEY] = w
