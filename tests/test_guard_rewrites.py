@@ -182,7 +182,8 @@ async def test_delivered_mail_teaches_the_history(rig: Any, tmp_path: Path) -> N
     raw = b"From: yamada@example.co.jp\r\nTo: tanaka@client-a.co.jp\r\nSubject: hi\r\n\r\nx\r\n"
     send = {"sender": SENDER, "hostname": "127.0.0.1", "port": server.port}
     await aiosmtplib.send(raw, recipients=["tanaka@client-a.co.jp"], **send)
-    await server.history.flush()  # the batched writer, without waiting for its timer
+    assert server.lookups is not None and server.lookups.history is not None
+    await server.lookups.history.flush()  # the batched writer, without waiting for its timer
     with DomainHistory(tmp_path / "mg.db") as h:
         assert h.counts(["client-a.co.jp"]) == {"client-a.co.jp": 1}
     assert len(sink.got) == 1

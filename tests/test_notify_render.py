@@ -16,14 +16,12 @@ from pathlib import Path
 import pytest
 
 from mailguard.analysis import analyze_message
-from mailguard.checks.recipients import party
 from mailguard.envelope import Envelope, Reply
-from mailguard.message.addresses import parse_envelope
-from mailguard.message.types import Address
 from mailguard.notify import MailSender, human_size, langs_of
 from mailguard.notify.render import Notifier, is_own_notice, own_notice_kind
+from mailguard.pipeline import summarize
 from mailguard.policy import Policy, load_policy
-from mailguard.summary import Attachment, Field, Reason, Recipient, Summary
+from mailguard.summary import Summary
 from tests._queue_support import SECRET, Sink, serve, stop, transport
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,52 +76,8 @@ def envelope(rcpts: list[str] | None = None) -> Envelope:
 
 
 def _summary_of(raw: bytes, env: Envelope, policy: Policy) -> Summary:
-    """The Summary the server would store for this message.
-
-    TODO(lead): replace with mailguard.pipeline.summarize
-    """
-    a = analyze_message(raw, env, policy)
-    v = a.view
-    internal: list[Recipient] = []
-    external: list[Recipient] = []
-    seen: set[str] = set()
-    domains: list[str] = []
-
-    def add(ad: Address, field: Field) -> None:
-        key = ad.addr.lower()
-        if key in seen:
-            return
-        seen.add(key)
-        shown = f"{ad.local}@{ad.domain_unicode}" if ad.domain else ad.addr
-        if ad.domain and ad.domain not in domains:
-            domains.append(ad.domain)
-        if ad.domain and not policy.org.is_internal(ad.domain):
-            external.append(Recipient(shown, ad.display_name, field, party(ad, policy.org)))
-        else:
-            internal.append(Recipient(shown, ad.display_name, field))
-
-    fields: tuple[tuple[Field, tuple[Address, ...]], ...] = (
-        ("to", v.to),
-        ("cc", v.cc),
-        ("bcc", v.bcc),
-    )
-    for field, addrs in fields:
-        for ad in addrs:
-            add(ad, field)
-    for ad in parse_envelope(env.rcpt_tos):
-        add(ad, "hidden")
-    return Summary(
-        subject=v.subject,
-        sender=v.header("from") or "",
-        internal=tuple(internal),
-        external=tuple(external),
-        attachments=tuple(
-            Attachment(p.filename, p.encoded_size, p.content_type) for p in v.attachments
-        ),
-        findings=tuple(Reason(f.code, f.reason_en, f.reason_ja) for f in a.findings),
-        rules=tuple(a.decision.rules),
-        domains=tuple(domains),
-    )
+    """The Summary the server stores for this message: the pipeline's own summarize()."""
+    return summarize(analyze_message(raw, env, policy))
 
 
 SUMMARY = _summary_of(RAW, envelope(), POLICY)

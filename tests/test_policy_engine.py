@@ -185,8 +185,9 @@ def test_transforms_accumulate_in_canonical_order_with_a_gate() -> None:
     )
     assert d.gate is Gate.HOLD
     assert d.transforms == ("bcc", "zip")
-    # rule options, plus what the transforms need from the policy (internal domains, language)
-    assert d.options == {"zip": {"method": "zipcrypto", "lang": "ja"}, "bcc": {"internal": []}}
+    # rule options, plus what the transforms need from the policy (internal domains); the
+    # language is the policy's only when [defaults] names one (else the service's notify.lang)
+    assert d.options == {"zip": {"method": "zipcrypto"}, "bcc": {"internal": []}}
     assert d.to_json()["transforms"] == ["bcc", "zip"]
 
 

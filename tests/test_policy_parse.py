@@ -266,7 +266,7 @@ ERRORS = [
     ),
     pytest.param(
         '[defaults]\nlang = "jp"\n',
-        "p.toml:2: defaults.lang: unknown value 'jp' (expected ja, en)",
+        "p.toml:2: defaults.lang: unknown value 'jp' (expected ja, en, ja+en)",
         id="bad-lang",
     ),
     pytest.param(
@@ -338,7 +338,7 @@ ERRORS = [
         RULE + 'acton = "hold"\n',
         "p.toml:5: rule[1].acton: unknown key 'acton' (did you mean 'action'?) (expected name, "
         "description, when, action, hold_for, confirm_timeout, on_timeout, approvers, "
-        "reject_message, senders, except_senders, options)",
+        "reject_message, senders, except_senders, options, allow_send_now)",
         id="unknown-rule-key",
     ),
     pytest.param(
@@ -529,7 +529,7 @@ ERRORS = [
         RULE + 'description = """\nline one\nname = "fake"\n"""\nwhen2 = 1\n',
         "p.toml:9: rule[1].when2: unknown key 'when2' (did you mean 'when'?) (expected name, "
         "description, when, action, hold_for, confirm_timeout, on_timeout, approvers, "
-        "reject_message, senders, except_senders, options)",
+        "reject_message, senders, except_senders, options, allow_send_now)",
         id="key-after-multiline-string",
     ),
 ]

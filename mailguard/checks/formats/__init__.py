@@ -1,1 +1,0 @@
-"""Byte-level file format sniffers, one module per family (entry: checks.fileformats)."""
