@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mailguard.checks import CheckContext, DnsStatus, run_checks
+from mailguard.checks.context import Org
 from mailguard.checks.finding import Finding
 from mailguard.envelope import Envelope
 from mailguard.message import MessageView
@@ -27,6 +28,7 @@ class Analysis:
     findings: tuple[Finding, ...]
     blocks: Mapping[str, Any]  # per-check JSON blocks: recipients, domains, attachments, message
     evaluation: Evaluation
+    org: Org  # whose recipients are internal (the policy's organisation)
 
     @property
     def decision(self) -> Decision:
@@ -77,7 +79,9 @@ def analyze_view(
     ctx = CheckContext(org=policy.org, history=history, dns=dns)
     result = run_checks(view, ctx)
     findings = tuple(result.findings)
-    return Analysis(view, envelope, findings, result.blocks, evaluate(policy, findings, envelope))
+    return Analysis(
+        view, envelope, findings, result.blocks, evaluate(policy, findings, envelope), policy.org
+    )
 
 
 def analyze_message(

@@ -189,10 +189,10 @@ class DomainHistory:
 
     def record(self, domains: Iterable[str], when: datetime) -> None:
         """Count one message to these domains (each domain once, plus its registrable domain)."""
-        self._record_many([(set(self._expand(domains)), when)])
+        self.record_many([(set(self.expand(domains)), when)])
 
     @staticmethod
-    def _expand(domains: Iterable[str]) -> Iterator[str]:
+    def expand(domains: Iterable[str]) -> Iterator[str]:
         for d in domains:
             d = d.strip().rstrip(".").lower()
             if not d or d.startswith("["):
@@ -202,7 +202,7 @@ class DomainHistory:
             if reg and reg != d:
                 yield reg
 
-    def _record_many(self, batch: list[tuple[set[str], datetime]]) -> None:
+    def record_many(self, batch: list[tuple[set[str], datetime]]) -> None:
         rows = [(d, _iso(when)) for doms, when in batch for d in sorted(doms)]
         if not rows:
             return
@@ -236,7 +236,7 @@ class DomainHistory:
                         skipped += 1
                         continue
                     messages += 1
-                    for d in sorted(set(self._expand(doms))):
+                    for d in sorted(set(self.expand(doms))):
                         self._db.execute(
                             "INSERT INTO domain_history(domain, count, first_seen, last_seen) "
                             "VALUES (?1, 1, ?2, ?2) ON CONFLICT(domain) DO UPDATE SET "

@@ -24,7 +24,7 @@ import os
 import socket
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mailguard.envelope import Envelope, Reply
 from mailguard.notify.render import Notifier
@@ -39,18 +39,29 @@ from mailguard.queue.store import (
     TransitionError,
     utcnow,
 )
-from mailguard.relay.base import Transport
+
+if TYPE_CHECKING:
+    from mailguard.metrics import Metrics
 
 log = logging.getLogger("mailguard.scheduler")
+
+
+class Delivery(Protocol):
+    """The pipeline's second half: relay a released message (and learn from its delivery)."""
+
+    async def deliver(self, msg_id: str, env: Envelope, raw: bytes) -> Reply: ...
 
 
 class Scheduler:
     def __init__(
         self,
         store: HeldStore,
-        transport: Transport,
+        delivery: Delivery,
         notifier: Notifier,
         *,
+        metrics: Metrics | None = None,
+        lang: str = "ja",
+        remote_mta: str = "",
         clock: Callable[[], datetime] = utcnow,
         interval: float = 1.0,
         lease: timedelta = timedelta(minutes=10),
@@ -63,8 +74,11 @@ class Scheduler:
         recover_on_start: bool = True,
     ) -> None:
         self.store = store
-        self.transport = transport
+        self.delivery = delivery
         self.notifier = notifier
+        self.metrics = metrics
+        self.lang = lang  # outcome notices whose message names no language
+        self.remote_mta = remote_mta
         self.clock = clock
         self.interval = interval
         self.lease = lease
@@ -154,6 +168,7 @@ class Scheduler:
                     held,
                     "sent-on-timeout",
                     now=now,
+                    lang=self.lang,
                     by="scheduler",
                     why="no answer by the deadline",
                 )
@@ -168,7 +183,9 @@ class Scheduler:
                 )
                 stats["released"] += 1
             else:
-                notices = outcome_notice(held, "expired", now=now, why="no answer by the deadline")
+                notices = outcome_notice(
+                    held, "expired", now=now, lang=self.lang, why="no answer by the deadline"
+                )
                 await self.store.move(
                     held.id,
                     State.EXPIRED,
@@ -182,8 +199,7 @@ class Scheduler:
         except TransitionError:
             return  # decided meanwhile (a click, the CLI): nothing to do
         log.info(
-            "%s: id=%s %s",
-            held.queue_id,
+            "%s: %s",
             held.id,
             "released (hold over)" if held.gate == "hold" else f"deadline: {held.on_timeout}",
         )
@@ -198,7 +214,7 @@ class Scheduler:
         async with self._sem:
             raw = await self.store.raw(held.id)
             if raw is None:  # cannot happen for a non-terminal message; never mark it delivered
-                log.error("%s: id=%s bytes missing; failing it", held.queue_id, held.id)
+                log.error("%s: bytes missing; failing it", held.id)
                 await self._fail(
                     held, b"", Reply(554, "5.3.0 MailGuard: stored copy missing"), now, stats
                 )
@@ -213,9 +229,9 @@ class Scheduler:
                 client_addr=str(e.get("client_addr", "")),
             )
             try:
-                reply = await self.transport.send(env, raw)
+                reply = await self.delivery.deliver(held.id, env, raw)
             except Exception as exc:  # the seam promises not to raise; be safe anyway
-                log.exception("%s: id=%s transport raised", held.queue_id, held.id)
+                log.exception("%s: transport raised", held.id)
                 reply = Reply(451, f"4.3.0 transport error: {type(exc).__name__}")
             last = f"{reply.code} {reply.text}"[:500]
             if reply.ok:
@@ -228,7 +244,7 @@ class Scheduler:
                     last_reply=last,
                 )
                 stats["delivered"] += 1
-                log.info("%s: id=%s delivered: %s", held.queue_id, held.id, last)
+                log.info("%s: delivered: %s", held.id, last)
                 return
             first = held.first_release or now
             if reply.code < 500 and now - first < self.max_age:
@@ -244,8 +260,7 @@ class Scheduler:
                 )
                 stats["deferred"] += 1
                 log.warning(
-                    "%s: id=%s deferred (attempt %d, retry %s): %s",
-                    held.queue_id,
+                    "%s: deferred (attempt %d, retry %s): %s",
                     held.id,
                     held.attempts,
                     retry.isoformat(timespec="seconds"),
@@ -285,8 +300,7 @@ class Scheduler:
         )
         stats["failed"] += 1
         log.warning(
-            "%s: id=%s failed, bounce %s: %s",
-            held.queue_id,
+            "%s: failed, bounce %s: %s",
             held.id,
             "queued" if notices else "not possible (null sender)",
             last,
@@ -308,7 +322,7 @@ class Scheduler:
                 arrival=datetime.fromisoformat(d["arrival"]),
                 last_attempt=datetime.fromisoformat(d["last_attempt"]),
                 original_headers=base64.b64decode(d["headers_b64"]),
-                remote_mta=f"{getattr(self.transport, 'host', '')}".strip(),
+                remote_mta=self.remote_mta,
             )
             return self.notifier.seal("dsn", raw)
         lang = n.data.get("lang") or None
@@ -325,7 +339,9 @@ class Scheduler:
                 )
                 return
             try:
-                reply = await self.notifier.send_raw(raw, n.to, null_sender=n.null_sender)
+                reply = await self.notifier.send_raw(
+                    raw, n.to, null_sender=n.null_sender, msg_id=n.msg_id or "-"
+                )
             except Exception as exc:  # the seam promises not to raise; be safe anyway
                 log.exception("notice %d (%s): transport raised", n.id, n.kind)
                 reply = Reply(451, f"4.3.0 transport error: {type(exc).__name__}")
@@ -333,7 +349,9 @@ class Scheduler:
             if reply.ok:
                 await self.store.finish_notice(n.id, now=now, sent=True, reply=last, retry_at=None)
                 stats["notices"] += 1
-                log.info("notice %d (%s, id=%s) sent", n.id, n.kind, n.msg_id)
+                if self.metrics is not None:
+                    self.metrics.notice_sent(n.kind)
+                log.info("%s: notice %d (%s) sent", n.msg_id or "-", n.id, n.kind)
                 return
             age = now - n.created
             retry = (

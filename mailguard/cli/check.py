@@ -20,14 +20,15 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from mailguard.analysis import Analysis, analyze_view
-from mailguard.checks import DnsStatus, Org
+from mailguard.analysis import Analysis
 from mailguard.envelope import Envelope
 from mailguard.errors import ConfigError, MailGuardError
+from mailguard.lookups import HistoryCache, Lookups
 from mailguard.message import MessageView
 from mailguard.message.addresses import parse_addresses
+from mailguard.pipeline import analyze
 from mailguard.policy import Gate, Policy, builtin_policy, format_duration, load_policy
 from mailguard.policy.parse import domain_pattern
 
@@ -224,51 +225,16 @@ def _header_sender(view: MessageView, name: str) -> str | None:
 # ---- context: DNS and history -------------------------------------------------------------
 
 
-class Lookups:
-    """DNS verdicts and delivery history, when asked for; one event loop for the whole run."""
+def open_lookups(args: argparse.Namespace) -> Lookups:
+    """The server's lookups (mailguard.lookups), opened from the command line."""
+    resolver = None
+    if args.dns or args.dns_server:
+        from mailguard.dns import DomainResolver
 
-    def __init__(self, args: argparse.Namespace, org: Org) -> None:
-        self.org = org
-        self.runner: asyncio.Runner | None = None
-        self.resolver: Any = None
-        self.history: DomainHistory | None = None
-        if args.dns or args.dns_server:
-            from mailguard.dns import DomainResolver
-
-            servers, port = _nameservers(args.dns_server)
-            self.runner = asyncio.Runner()
-            self.resolver = DomainResolver(servers or None, port=port)
-        if args.store:
-            self.history = _open_history(args.store)
-
-    def close(self) -> None:
-        if self.runner is not None:
-            self.runner.close()
-        if self.history is not None:
-            self.history.close()
-
-    def domains(self, view: MessageView, env: Envelope) -> list[str]:
-        from mailguard.checks.domains import recipient_addresses
-
-        return list(
-            dict.fromkeys(
-                a.domain
-                for a in recipient_addresses(view)
-                if a.domain and not a.domain.startswith("[") and not self.org.is_internal(a.domain)
-            )
-        )
-
-    def dns(self, domains: list[str]) -> Mapping[str, DnsStatus] | None:
-        if self.resolver is None or self.runner is None:
-            return None
-        got: dict[str, DnsStatus] = self.runner.run(self.resolver.statuses(domains))
-        return got
-
-    def counts(self, domains: list[str]) -> Mapping[str, int] | None:
-        if self.history is None:
-            return None
-        # counts plus the frequently used domains the look-alike check protects
-        return self.history.snapshot(domains)
+        servers, port = _nameservers(args.dns_server)
+        resolver = DomainResolver(servers or None, port=port)
+    history = HistoryCache(_open_history(args.store)) if args.store else None
+    return Lookups(history, resolver)
 
 
 def _nameservers(specs: Sequence[str]) -> tuple[list[str], int]:
@@ -564,7 +530,7 @@ def run(args: argparse.Namespace) -> int:
         return _EXIT_USAGE
     try:
         policy = choose_policy(args)
-        lookups = Lookups(args, policy.org)
+        lookups = open_lookups(args)
     except (ConfigError, ImportError) as e:
         print(f"mailguard check: {e}", file=sys.stderr)
         return _EXIT_USAGE
@@ -578,10 +544,11 @@ def run(args: argparse.Namespace) -> int:
     summary = Summary()
     many = len(args.paths) > 1 or any(os.path.isdir(p) for p in args.paths)
     out = sys.stdout
+    runner = asyncio.Runner()
     try:
         for item in iter_messages(args.paths, inputs):
             try:
-                a, src = _analyze(item, args, policy, lookups)
+                a, src = _analyze(item, args, policy, lookups, runner)
             except MailGuardError as e:
                 print(f"mailguard check: {item.label}: {e}", file=sys.stderr)
                 summary.failed += 1
@@ -603,7 +570,8 @@ def run(args: argparse.Namespace) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return _EXIT_OK
     finally:
-        lookups.close()
+        runner.run(lookups.close())
+        runner.close()
     for err in inputs.errors:
         print(f"mailguard check: {err}", file=sys.stderr)
     if many or args.quiet:
@@ -616,13 +584,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _analyze(
-    item: Item, args: argparse.Namespace, policy: Policy, lookups: Lookups
+    item: Item, args: argparse.Namespace, policy: Policy, lookups: Lookups, runner: asyncio.Runner
 ) -> tuple[Analysis, str]:
     bare = MessageView.parse(item.raw)
     env, src = envelope_for(bare, item, args)
     view = MessageView.parse(item.raw, env)
-    domains = lookups.domains(view, env)
-    return (
-        analyze_view(view, env, policy, history=lookups.counts(domains), dns=lookups.dns(domains)),
-        src,
-    )
+    return runner.run(analyze(view, policy, lookups)), src

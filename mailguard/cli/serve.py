@@ -199,9 +199,9 @@ def _supervise(cfg: Config, args: argparse.Namespace) -> int:
             break
         except InterruptedError:
             continue
-        i = children.pop(pid, None)
-        if i is None:
+        if pid not in children:
             continue
+        i = children.pop(pid)
         mark_process_dead(pid)
         code = os.waitstatus_to_exitcode(status)
         if stopping:

@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 from mailguard.checks.finding import Finding
+from mailguard.gate import Gate
 
-
-class Gate(enum.IntEnum):
-    """Value = precedence: the highest gate among the fired rules wins."""
-
-    PASS = 0
-    HOLD = 1
-    CONFIRM = 2
-    APPROVE = 3
-    REJECT = 4
-
-    @property
-    def label(self) -> str:
-        return self.name.lower()
+__all__ = ["PASS", "Decision", "Gate"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +23,8 @@ class Decision:
     approvers: tuple[str, ...] = ()  # APPROVE: who may approve
     on_timeout: str = "cancel"  # CONFIRM/APPROVE unanswered: "cancel" or "send"
     options: dict[str, Any] = field(default_factory=dict)  # transform options (zip method, …)
+    allow_send_now: bool = False  # HOLD: the sender's page may send before the time is up
+    lang: str = ""  # the policy's [defaults] lang for notices ("" = the service's notify.lang)
 
     @property
     def action(self) -> str:
@@ -56,6 +46,8 @@ class Decision:
             out["on_timeout"] = self.on_timeout
         if self.options:
             out["options"] = self.options
+        if self.allow_send_now:
+            out["allow_send_now"] = True
         return out
 
 

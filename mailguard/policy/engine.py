@@ -94,7 +94,7 @@ def _combine(policy: Policy, hits: list[Hit], findings: Sequence[Finding]) -> De
     names = tuple(h.rule.name for h in hits)
     if gate is Gate.REJECT:
         msg = next((r.reject_message for r in winners if r.reject_message), d.reject_message)
-        return Decision(gate=gate, rules=names, findings=why, reject_message=msg)
+        return Decision(gate=gate, rules=names, findings=why, reject_message=msg, lang=d.lang)
 
     wanted = {t for h in hits for t in h.rule.transforms}
     transforms = tuple(t for t in TRANSFORMS if t in wanted)
@@ -105,14 +105,16 @@ def _combine(policy: Policy, hits: list[Hit], findings: Sequence[Finding]) -> De
     # what the transforms need from the policy itself, so a queued Decision is self-contained
     if "bcc" in transforms:
         options.setdefault("bcc", {}).setdefault("internal", list(policy.org.internal))
-    if "zip" in transforms:
+    if "zip" in transforms and d.lang:
         options.setdefault("zip", {}).setdefault("lang", d.lang)
 
     hold_for: timedelta | None = None
     on_timeout = d.on_timeout
     approvers: tuple[str, ...] = ()
+    allow_now = False
     if gate is Gate.HOLD:
         hold_for = max(r.hold_for or d.hold_for for r in winners)
+        allow_now = all(r.allow_send_now for r in winners)  # any rule that says "wait" wins
     elif gate in (Gate.CONFIRM, Gate.APPROVE):
         hold_for = max(r.confirm_timeout or d.confirm_timeout for r in winners)
         # "cancel" wins: an unanswered question must not send mail someone wanted stopped
@@ -131,4 +133,6 @@ def _combine(policy: Policy, hits: list[Hit], findings: Sequence[Finding]) -> De
         approvers=approvers,
         on_timeout=on_timeout,
         options=options,
+        allow_send_now=allow_now,
+        lang=d.lang,
     )

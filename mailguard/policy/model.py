@@ -71,6 +71,7 @@ class Rule:
     senders: tuple[str, ...] = ()  # patterns as written (groups expanded); () = every sender
     except_senders: tuple[str, ...] = ()  # own except_senders plus matching [[exception]]s
     options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # transform -> options
+    allow_send_now: bool = False  # HOLD only: the sender may send before the hold time is up
     description: str = ""
     line: int | None = field(default=None, compare=False)  # its [[rule]] header, for messages
     _senders_re: re.Pattern[str] | None = field(default=None, repr=False, compare=False)
@@ -125,7 +126,7 @@ class Exemption:
 
 @dataclass(frozen=True, slots=True)
 class Defaults:
-    lang: str = "ja"
+    lang: str = ""  # notices about mail this policy decided: "ja", "en", "ja+en"; "" = notify.lang
     hold_for: timedelta = timedelta(minutes=5)
     confirm_timeout: timedelta = timedelta(days=1)
     on_timeout: str = "cancel"  # unanswered confirm/approve: "cancel" (safe) or "send"

@@ -53,10 +53,11 @@ RULE_KEYS = (
     "senders",
     "except_senders",
     "options",
+    "allow_send_now",
 )
 EXCEPTION_KEYS = ("name", "description", "senders", "rules")
 ON_TIMEOUT = ("cancel", "send")
-LANGS = ("ja", "en")
+LANGS = ("ja", "en", "ja+en")
 
 # Transform options the actions stage understands (mailguard/actions/zip.py, bcc.py docstrings):
 # key -> allowed values, "duration" (stored as seconds), "bool", "str", or an int range.
@@ -74,7 +75,7 @@ TRANSFORM_OPTIONS: dict[str, dict[str, tuple[str, ...] | str | range]] = {
         "select": ("unencrypted", "all"),
         "min_size": range(0, 1 << 40),
         "compresslevel": range(0, 10),
-        "lang": ("ja", "en"),
+        "lang": ("ja", "en", "ja+en"),
     },
     "bcc": {
         "keep_internal_visible": "bool",
@@ -555,6 +556,7 @@ class _Parser:
             "approvers": (gate is Gate.APPROVE, "'approve'"),
             "reject_message": (gate is Gate.REJECT, "'reject'"),
             "options": (bool(transforms), "'bcc' or 'zip'"),
+            "allow_send_now": (gate is Gate.HOLD, "'hold'"),
         }
         for key, (ok, what) in only.items():
             if key in t and not ok:
@@ -603,6 +605,11 @@ class _Parser:
             )
         if "options" in t:
             rule = replace(rule, options=self.options((*p, "options"), t["options"], transforms))
+        if "allow_send_now" in t:
+            v = t["allow_send_now"]
+            if not isinstance(v, bool):
+                self.fail((*p, "allow_send_now"), "expected true or false")
+            rule = replace(rule, allow_send_now=v)
         return rule
 
     def options(

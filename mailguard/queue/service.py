@@ -15,14 +15,13 @@ import hashlib
 import logging
 import secrets
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from mailguard.actions.base import Notice
 from mailguard.envelope import Envelope, Reply
 from mailguard.errors import StoreError
-from mailguard.policy.decision import Decision, Gate
+from mailguard.gate import Gate
 from mailguard.queue.store import (
     Held,
     HeldStore,
@@ -31,7 +30,6 @@ from mailguard.queue.store import (
     State,
     TokenError,
     TokenInfo,
-    new_id,
     utcnow,
 )
 
@@ -55,35 +53,46 @@ def hash_token(token: str) -> bytes:
     return hashlib.sha256(token.encode("ascii", "replace")).digest()
 
 
-def notice_data(held: Held, **extra: Any) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class KeepRequest:
+    """What the pipeline asks the queue to keep: plain data, no policy or action types."""
+
+    id: str  # the message's one id (log line, queue, page, notices)
+    gate: Gate  # HOLD, CONFIRM or APPROVE
+    summary: Mapping[str, object]  # Summary.to_json(): what pages and notices show
+    decision: Mapping[str, Any]  # Decision.to_json(): for the audit, the CLI and the API
+    wait: timedelta | None = None  # hold time / deadline; None = the queue's default
+    on_timeout: str = "cancel"  # confirm/approve unanswered: "cancel" or "send"
+    approvers: tuple[str, ...] = ()
+    allow_send_now: bool = False  # HOLD: the sender's page may send at once
+    lang: str = ""  # notices: "ja", "en", "ja+en"; "" = the service's default
+    why: str = "policy"  # audit: the rules that fired
+    # zip passwords and the like: parked, sent only once this message was accepted upstream
+    after_delivery: tuple[NewNotice, ...] = ()
+
+
+def notice_data(held: Held, lang: str, **extra: Any) -> dict[str, Any]:
     """Template variables every notice about one message shares (no message content)."""
-    s = held.summary
     return {
         "id": held.id,
-        "subject": s.get("subject", ""),
-        "sender": held.mail_from or s.get("from", ""),
-        "internal": list(s.get("internal", [])),
-        "external": list(s.get("external", [])),
-        "findings": [
-            {k: f.get(k, "") for k in ("code", "reason_en", "reason_ja")}
-            for f in s.get("findings", [])
-        ],
+        "summary": dict(held.summary),
+        "sender": held.mail_from,
         "due": held.due.isoformat(),
         "gate": held.gate,
         "on_timeout": held.on_timeout,
+        "lang": str(held.decision.get("lang") or lang),
         **extra,
     }
 
 
 def outcome_notice(
-    held: Held, outcome: str, *, now: datetime, by: str = "", why: str = ""
+    held: Held, outcome: str, *, now: datetime, lang: str = "", by: str = "", why: str = ""
 ) -> list[NewNotice]:
     """Tell the sender what became of the message (null envelope sender: nothing answers it)."""
-    to = held.mail_from or str(held.summary.get("from", ""))
-    if not to:
+    if not held.mail_from:
         return []
-    data = notice_data(held, outcome=outcome, by=by, why=why)
-    return [NewNotice("outcome", (to,), data, now, null_sender=True, msg_id=held.id)]
+    data = notice_data(held, lang, outcome=outcome, by=by, why=why)
+    return [NewNotice("outcome", (held.mail_from,), data, now, null_sender=True, msg_id=held.id)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,36 +108,24 @@ def allowed_actions(info: TokenInfo, held: Held) -> tuple[str, ...]:
     if info.role == "approver":
         return ("approve", "refuse")
     if held.gate == Gate.HOLD.label:
-        return (
-            ("send", "cancel")
-            if held.decision.get("options", {}).get("allow_send_now")
-            else ("cancel",)
-        )
+        return ("send", "cancel") if held.decision.get("allow_send_now") else ("cancel",)
     if held.gate == Gate.CONFIRM.label:
         return ("send", "cancel")
     return ("cancel",)
 
 
 def _new_held(
-    env: Envelope,
-    raw: bytes,
-    decision: Decision,
-    summary: Mapping[str, Any],
-    now: datetime,
-    due: datetime,
-    *,
-    gate: Gate | None = None,
+    env: Envelope, raw: bytes, req: KeepRequest, now: datetime, due: datetime, *, gate: Gate
 ) -> Held:
-    gate = gate or decision.gate
     return Held(
-        id=new_id(now),
+        id=req.id,
         state=State.HELD,
         gate=gate.label,
         mail_from=env.mail_from,
         rcpt_tos=tuple(env.rcpt_tos),
         created=now,
         due=due,
-        on_timeout=decision.on_timeout if gate != Gate.HOLD else "send",
+        on_timeout=req.on_timeout if gate != Gate.HOLD else "send",
         queue_id=env.queue_id,
         envelope={
             "mail_options": list(env.mail_options),
@@ -136,8 +133,8 @@ def _new_held(
             "xforward": dict(env.xforward),
             "client_addr": env.client_addr,
         },
-        decision=decision.to_json(),
-        summary=dict(summary),
+        decision={**req.decision, "lang": req.lang, "allow_send_now": req.allow_send_now},
+        summary=dict(req.summary),
         size=len(raw),
     )
 
@@ -152,13 +149,13 @@ class HoldService:
         *,
         public_url: str = "http://127.0.0.1:8025",
         clock: Callable[[], datetime] = utcnow,
-        lang: str = "",
+        lang: str = "ja",
         waits: Mapping[Gate, timedelta] | None = None,
     ) -> None:
         self.store = store
         self.public_url = public_url.rstrip("/")
         self.clock = clock
-        self.lang = lang  # "" = the notifier's default
+        self.lang = lang  # notices whose policy names no language
         self.waits = {**DEFAULT_WAIT, **(waits or {})}
 
     def link(self, token: str) -> str:
@@ -166,30 +163,27 @@ class HoldService:
 
     # -- SMTP side -----------------------------------------------------------------------------
 
-    async def keep(
-        self, env: Envelope, raw: bytes, decision: Decision, summary: Mapping[str, Any]
-    ) -> Reply:
-        """Store durably and queue the notices; 250 only after the commit, else 451."""
-        if decision.gate not in (Gate.HOLD, Gate.CONFIRM, Gate.APPROVE):
-            raise ValueError(f"keep() needs hold, confirm or approve, not {decision.action}")
+    async def keep(self, env: Envelope, raw: bytes, req: KeepRequest) -> Reply:
+        """Store durably with its links and notices; 250 only after the commit, else 451."""
+        if not req.gate.keeps:
+            raise ValueError(f"keep() needs hold, confirm or approve, not {req.gate.label}")
         try:
             now = self.clock()
-            due = now + (decision.hold_for or self.waits[decision.gate])
-            held = _new_held(env, raw, decision, summary, now, due)
-            tokens, notices = self._links(held, decision, now)
-            await self.store.put(
-                held, raw, tokens, notices, by="smtp", why=", ".join(decision.rules) or "policy"
-            )
+            due = now + (req.wait or self.waits[req.gate])
+            held = _new_held(env, raw, req, now, due, gate=req.gate)
+            tokens, notices = self._links(held, req, now)
+            parked = [replace(n, msg_id=held.id) for n in req.after_delivery]
+            await self.store.put(held, raw, tokens, [*notices, *parked], by="smtp", why=req.why)
         except Exception:
-            log.exception("%s: store write failed, answering 451", env.queue_id)
+            log.exception("%s: store write failed, answering 451", req.id)
             return QUEUE_TEMPFAIL
         log.info(
-            "%s: held id=%s gate=%s rules=%s until=%s",
-            env.queue_id,
+            "%s: held gate=%s rules=%s until=%s queue_id=%s",
             held.id,
             held.gate,
-            ",".join(decision.rules),
+            req.why,
             due.isoformat(timespec="seconds"),
+            env.queue_id,
         )
         return Reply(
             250,
@@ -197,12 +191,10 @@ class HoldService:
         )
 
     async def keep_split(
-        self,
-        parts: Sequence[tuple[Envelope, bytes]],
-        decision: Decision,
-        summary: Mapping[str, Any],
+        self, parts: Sequence[tuple[Envelope, bytes, tuple[NewNotice, ...]]], req: KeepRequest
     ) -> Reply:
-        """Store one message as several deliveries (per-domain zip passwords), due at once.
+        """Store one message as several deliveries (per-domain zip passwords), each due at once
+        and each with its own parked notices; ids are `<id>.1`, `<id>.2`, …
 
         Each part is committed before the 250; the scheduler sends them within a tick. If a
         later part fails to commit, 451: the client retries and earlier parts may go twice
@@ -211,90 +203,76 @@ class HoldService:
         ids = []
         try:
             now = self.clock()
-            for env, raw in parts:
-                held = _new_held(env, raw, decision, summary, now, now, gate=Gate.HOLD)
-                await self.store.put(held, raw, [], [], by="smtp", why="split delivery")
+            for i, (env, raw, notices) in enumerate(parts, 1):
+                part = replace(req, id=f"{req.id}.{i}")
+                held = _new_held(env, raw, part, now, now, gate=Gate.HOLD)
+                parked = [replace(n, msg_id=held.id) for n in notices]
+                await self.store.put(held, raw, [], parked, by="smtp", why="split delivery")
                 ids.append(held.id)
         except Exception:
-            log.exception("%s: store write failed for a split delivery, answering 451", "-")
+            log.exception("%s: store write failed for a split delivery, answering 451", req.id)
             return QUEUE_TEMPFAIL
-        log.info("%s: split into %d deliveries: %s", parts[0][0].queue_id, len(ids), ",".join(ids))
+        log.info("%s: split into %d deliveries: %s", req.id, len(ids), ",".join(ids))
         return Reply(250, f"2.0.0 Ok: queued as {len(ids)} deliveries ({', '.join(ids)})")
 
     def _links(
-        self, held: Held, decision: Decision, now: datetime
+        self, held: Held, req: KeepRequest, now: datetime
     ) -> tuple[list[NewToken], list[NewNotice]]:
         tokens: list[NewToken] = []
         notices: list[NewNotice] = []
-        extra = {"lang": self.lang} if self.lang else {}
-        allow_now = bool(decision.options.get("allow_send_now"))
-        sender = held.mail_from or str(held.summary.get("from", ""))
+        lang = req.lang or self.lang
 
         def add(role: str, who: str, kind: str, null: bool = False, **more: Any) -> None:
             tok, h = new_token()
             tokens.append(NewToken(h, role, who, held.due))
-            data = notice_data(held, url=self.link(tok), **extra, **more)
+            data = notice_data(held, lang, url=self.link(tok), **more)
             notices.append(NewNotice(kind, (who,), data, now, null_sender=null, msg_id=held.id))
 
-        if decision.gate == Gate.APPROVE:
-            for a in decision.approvers:
+        if req.gate == Gate.APPROVE:
+            for a in req.approvers:
                 add("approver", a, "approval-request")
-            if not decision.approvers:
-                log.warning(
-                    "%s: id=%s needs approval but names no approver", held.queue_id, held.id
-                )
+            if not req.approvers:
+                log.warning("%s: needs approval but names no approver", held.id)
+        sender = held.mail_from
         if not sender:
-            log.warning("%s: id=%s has no sender to notify (null sender)", held.queue_id, held.id)
-        elif decision.gate == Gate.HOLD:
-            add("sender", sender, "held", allow_send_now=allow_now)
-        elif decision.gate == Gate.CONFIRM:
+            log.warning("%s: has no sender to notify (null sender)", held.id)
+        elif req.gate == Gate.HOLD:
+            add("sender", sender, "held", allow_send_now=req.allow_send_now)
+        elif req.gate == Gate.CONFIRM:
             add("sender", sender, "confirm")
         else:
-            add("sender", sender, "approval-pending", approvers=list(decision.approvers))
+            add("sender", sender, "approval-pending", approvers=list(req.approvers))
         return tokens, notices
 
-    async def send_notices(self, notices: Sequence[Notice], env: Envelope) -> list[int]:
-        """Durably queue notices from transforms (zip passwords) BEFORE relaying the mail.
+    async def park_notices(self, msg_id: str, notices: Sequence[NewNotice]) -> None:
+        """Durably park notices (zip passwords) of a message about to be relayed in-transaction.
 
         Raises StoreError: the caller answers 451 rather than send mail whose password is lost.
-        Returns the notice ids: if the relay then does not answer 2xx, pass them to
-        `drop_notices` so no password goes out for a message that was not delivered.
+        Then exactly one of `release_parked` (the upstream accepted it) or `drop_parked`.
         """
         if not notices:
-            return []
-        now = self.clock()
-        rows = [
-            NewNotice(
-                n.kind,
-                tuple(n.to),
-                {**dict(n.data), **({"lang": self.lang} if self.lang else {})},
-                now + n.send_after,
-                msg_id=None,
-            )
-            for n in notices
-        ]
+            return
+        rows = [replace(n, msg_id=msg_id) for n in notices]
         try:
-            ids = await self.store.add_notices(rows)
+            await self.store.add_notices(rows)
         except StoreError:
             raise
         except Exception as e:
             raise StoreError(f"cannot queue notices: {e}") from e
-        log.info(
-            "%s: queued %d notice(s): %s",
-            env.queue_id,
-            len(rows),
-            ",".join(n.kind for n in notices),
-        )
-        return ids
 
-    async def drop_notices(self, ids: Sequence[int], env: Envelope) -> None:
-        """Withdraw queued notices whose message the upstream did not take (best effort)."""
+    async def release_parked(self, msg_id: str) -> None:
+        n = await self.store.release_parked(msg_id, self.clock())
+        log.info("%s: %d notice(s) due: message accepted upstream", msg_id, n)
+
+    async def drop_parked(self, msg_id: str) -> None:
+        """Withdraw parked notices of a message that was not relayed (best effort, logged)."""
         try:
-            n = await self.store.drop_notices(ids)
+            n = await self.store.drop_parked(msg_id)
         except StoreError as e:
-            log.warning("%s: could not withdraw %d notice(s): %s", env.queue_id, len(ids), e)
+            log.error("%s: could not withdraw parked notice(s): %s", msg_id, e)
             return
-        log.info("%s: withdrew %d notice(s): message not relayed", env.queue_id, n)
+        if n:
+            log.info("%s: withdrew %d notice(s): message not relayed", msg_id, n)
 
     # -- confirm pages -------------------------------------------------------------------------
 
@@ -327,17 +305,23 @@ class HoldService:
         elif action == "cancel":
             to, why = State.CANCELLED, "cancelled by the sender"
             if info.role != "sender":
-                notices = outcome_notice(held, "cancelled", now=now, by=info.who, why=reason)
+                notices = outcome_notice(
+                    held, "cancelled", now=now, lang=self.lang, by=info.who, why=reason
+                )
         elif action == "approve":
             to, why = State.RELEASED, f"approved{': ' + reason if reason else ''}"
-            notices = outcome_notice(held, "approved", now=now, by=info.who, why=reason)
+            notices = outcome_notice(
+                held, "approved", now=now, lang=self.lang, by=info.who, why=reason
+            )
         else:  # refuse
             to, why = State.CANCELLED, f"refused{': ' + reason if reason else ''}"
-            notices = outcome_notice(held, "refused", now=now, by=info.who, why=reason)
+            notices = outcome_notice(
+                held, "refused", now=now, lang=self.lang, by=info.who, why=reason
+            )
         new = await self.store.redeem(
             hash_token(token), to, now=now, action=action, by=who, why=why, notices=notices
         )
-        log.info("%s: id=%s %s by %s (web %s)", held.queue_id, held.id, action, info.role, client)
+        log.info("%s: %s by %s (web %s)", held.id, action, info.role, client)
         return new
 
     # -- admin (API, CLI) ----------------------------------------------------------------------
@@ -351,7 +335,7 @@ class HoldService:
             why=why,
             expect=frozenset({State.HELD}),
         )
-        log.info("%s: id=%s released by %s", held.queue_id, msg_id, by)
+        log.info("%s: released by %s", msg_id, by)
         return held
 
     async def cancel(
@@ -360,7 +344,7 @@ class HoldService:
         now = self.clock()
         cur = await self.store.get(msg_id)
         notices = (
-            outcome_notice(cur, "cancelled", now=now, by=by, why=why)
+            outcome_notice(cur, "cancelled", now=now, lang=self.lang, by=by, why=why)
             if cur is not None and tell_sender
             else []
         )
@@ -373,14 +357,16 @@ class HoldService:
             expect=frozenset({State.HELD, State.RELEASED}),
             notices=notices,
         )
-        log.info("%s: id=%s cancelled by %s", held.queue_id, msg_id, by)
+        log.info("%s: cancelled by %s", msg_id, by)
         return held
 
     async def approve(self, msg_id: str, *, by: str, why: str = "") -> Held:
         """Admin-side approval (the approver normally uses the page)."""
         now = self.clock()
         cur = await self.store.get(msg_id)
-        notices = outcome_notice(cur, "approved", now=now, by=by, why=why) if cur else []
+        notices = (
+            outcome_notice(cur, "approved", now=now, lang=self.lang, by=by, why=why) if cur else []
+        )
         return await self.store.move(
             msg_id,
             State.RELEASED,
@@ -394,7 +380,9 @@ class HoldService:
     async def refuse(self, msg_id: str, *, by: str, why: str = "") -> Held:
         now = self.clock()
         cur = await self.store.get(msg_id)
-        notices = outcome_notice(cur, "refused", now=now, by=by, why=why) if cur else []
+        notices = (
+            outcome_notice(cur, "refused", now=now, lang=self.lang, by=by, why=why) if cur else []
+        )
         return await self.store.move(
             msg_id,
             State.CANCELLED,

@@ -51,7 +51,7 @@ from mailguard.queue.store import (
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: notice.delay, state 'parked' (sent only after the message's delivery)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS held (
     id TEXT PRIMARY KEY,
@@ -119,7 +119,8 @@ CREATE TABLE IF NOT EXISTS notice (
     next_attempt REAL NOT NULL,
     lease_until REAL,
     attempts INTEGER NOT NULL DEFAULT 0,
-    last_reply TEXT NOT NULL DEFAULT ''
+    last_reply TEXT NOT NULL DEFAULT '',
+    delay REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS notice_due ON notice(state, next_attempt);
 CREATE INDEX IF NOT EXISTS notice_msg ON notice(msg_id);
@@ -223,6 +224,9 @@ class SqliteStore:
         if row and int(row[0]) > SCHEMA_VERSION:
             raise StoreError(f"{self.path}: queue schema {row[0]} is newer than this MailGuard")
         db.executescript(SCHEMA)
+        cols = {r[1] for r in db.execute("PRAGMA table_info(notice)")}
+        if "delay" not in cols:  # schema 1 → 2
+            db.execute("ALTER TABLE notice ADD COLUMN delay REAL NOT NULL DEFAULT 0")
         db.execute(
             "INSERT OR REPLACE INTO queue_meta(key, value) VALUES ('schema', ?)",
             (str(SCHEMA_VERSION),),
@@ -301,9 +305,12 @@ class SqliteStore:
     ) -> list[int]:
         ids = []
         for n in notices:
+            parked = n.after_delivery is not None
+            if parked and not n.msg_id:
+                raise ValueError("a notice parked until delivery needs its message id")
             cur = c.execute(
-                "INSERT INTO notice(msg_id, kind, rcpts, data, null_sender, created, next_attempt) "
-                "VALUES (?,?,?,?,?,?,?)",
+                "INSERT INTO notice(msg_id, kind, rcpts, data, null_sender, created, "
+                "next_attempt, state, delay) VALUES (?,?,?,?,?,?,?,?,?)",
                 (
                     n.msg_id,
                     n.kind,
@@ -312,6 +319,8 @@ class SqliteStore:
                     int(n.null_sender),
                     now,
                     ts(n.due),
+                    "parked" if parked else "pending",
+                    n.after_delivery.total_seconds() if n.after_delivery is not None else 0.0,
                 ),
             )
             ids.append(int(cur.lastrowid or 0))
@@ -419,6 +428,10 @@ class SqliteStore:
         if to in TERMINAL:
             # Content is not kept after the fact; metadata and audit stay.
             c.execute("DELETE FROM raw WHERE id = ?", (msg_id,))
+            if to is State.DELIVERED:
+                self._release_parked(c, msg_id, now)
+            else:  # cancelled, expired, failed: a password must not go out for it
+                c.execute("DELETE FROM notice WHERE msg_id = ? AND state = 'parked'", (msg_id,))
         self._audit(c, msg_id, now, cur.state, to, by, why)
         self._insert_notices(c, notices, ts(now) or 0.0)
         new = self._get(c, msg_id)
@@ -632,6 +645,25 @@ class SqliteStore:
             return 0
         q = f"DELETE FROM notice WHERE state = 'pending' AND id IN ({','.join('?' * len(ids))})"
         return await self._run(lambda: self._tx(lambda c: c.execute(q, list(ids)).rowcount))
+
+    @staticmethod
+    def _release_parked(c: sqlite3.Connection, msg_id: str, now: datetime) -> int:
+        cur = c.execute(
+            "UPDATE notice SET state = 'pending', next_attempt = ? + delay "
+            "WHERE msg_id = ? AND state = 'parked'",
+            (ts(now), msg_id),
+        )
+        return cur.rowcount
+
+    async def release_parked(self, msg_id: str, now: datetime) -> int:
+        return await self._run(lambda: self._tx(lambda c: self._release_parked(c, msg_id, now)))
+
+    async def drop_parked(self, msg_id: str) -> int:
+        def work(c: sqlite3.Connection) -> int:
+            q = "DELETE FROM notice WHERE msg_id = ? AND state = 'parked'"
+            return c.execute(q, (msg_id,)).rowcount
+
+        return await self._run(lambda: self._tx(work))
 
     async def claim_notices(
         self, now: datetime, lease_until: datetime, limit: int = 20

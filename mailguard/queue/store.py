@@ -17,7 +17,7 @@ import enum
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from mailguard.errors import StoreError
@@ -180,6 +180,9 @@ class NewNotice:
     due: datetime
     null_sender: bool = False  # MAIL FROM:<> (bounces and outcomes: nothing may answer them)
     msg_id: str | None = None
+    # Not None: parked until message `msg_id` is accepted upstream, then due this much later;
+    # withdrawn if it is cancelled, expires or fails (zip passwords: never for mail not sent).
+    after_delivery: timedelta | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,6 +310,14 @@ class HeldStore(Protocol):
 
     async def drop_notices(self, ids: Sequence[int]) -> int:
         """Delete notices not yet sent (the mail they belong to was not delivered after all)."""
+        ...
+
+    async def release_parked(self, msg_id: str, now: datetime) -> int:
+        """Notices parked for `msg_id` become due (its delivery was accepted upstream)."""
+        ...
+
+    async def drop_parked(self, msg_id: str) -> int:
+        """Withdraw the notices parked for `msg_id` (it was not delivered)."""
         ...
 
     async def claim_notices(

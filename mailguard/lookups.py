@@ -1,0 +1,151 @@
+"""What the checks need from outside the message: delivery history and DNS verdicts.
+
+One module for both the server and `mailguard check`, so a dry run looks up exactly what the
+server would. The history cache never remembers "never sent there": a domain that a delivery
+just taught is seen by the very next message (a zero is always read from the store).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from mailguard.checks.context import DnsStatus, Org
+from mailguard.checks.domains import recipient_addresses
+from mailguard.history import DomainHistory, HistorySnapshot
+from mailguard.message.addresses import parse_envelope
+
+if TYPE_CHECKING:
+    from mailguard.dns import DomainResolver
+    from mailguard.message import MessageView
+
+log = logging.getLogger("mailguard.lookups")
+
+
+def lookup_domains(view: MessageView) -> list[str]:
+    """Every recipient domain a message names (envelope, To, Cc, Bcc): A-labels, no literals."""
+    return list(
+        dict.fromkeys(
+            a.domain for a in recipient_addresses(view) if a.domain and not a.domain.startswith("[")
+        )
+    )
+
+
+def delivery_domains(rcpt_tos: Iterable[str]) -> tuple[str, ...]:
+    """The domains a delivery to these envelope recipients teaches the history."""
+    return tuple(
+        dict.fromkeys(
+            a.domain for a in parse_envelope(rcpt_tos) if a.domain and not a.domain.startswith("[")
+        )
+    )
+
+
+class HistoryCache:
+    """Delivery history as the checks see it, cheap per message.
+
+    Positive counts are cached a minute; a zero is never cached, so "first-time" is always
+    current. Deliveries update the cache at once and reach the store in small batches (every
+    `flush_every` seconds) so other processes sharing the file see them within that time.
+    """
+
+    def __init__(self, history: DomainHistory, *, ttl: float = 60.0, flush_every: float = 0.25):
+        self.history = history
+        self.ttl = ttl
+        self.flush_every = flush_every
+        self._counts: dict[str, tuple[int, float]] = {}
+        self._pending: list[tuple[set[str], datetime]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def snapshot(self, domains: Iterable[str]) -> HistorySnapshot:
+        now = time.monotonic()
+        known: dict[str, int] = {}
+        missing = []
+        for d in domains:
+            hit = self._counts.get(d)
+            if hit is not None and now - hit[1] < self.ttl:
+                known[d] = hit[0]
+            else:
+                missing.append(d)
+        if missing:
+            fresh = await asyncio.to_thread(self.history.counts, missing)
+            now = time.monotonic()
+            for d, n in fresh.items():
+                known.setdefault(d, n)
+                if n > 0:
+                    self._counts[d] = (n, now)
+        frequent = self.history.frequent_cached(now)  # no thread hop per message …
+        if frequent is None:
+            frequent = await asyncio.to_thread(self.history.frequent)  # … SQL every few minutes
+        return HistorySnapshot(known, frequent)
+
+    def learn(self, domains: Iterable[str]) -> None:
+        """One delivery to these domains: visible to the next message at once."""
+        expanded = set(DomainHistory.expand(domains))
+        if not expanded:
+            return
+        self._pending.append((expanded, datetime.now(UTC)))
+        now = time.monotonic()
+        for d in expanded:
+            n, _ = self._counts.get(d, (0, now))
+            self._counts[d] = (n + 1, now)
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(self.flush_every)
+        await self.flush()
+
+    async def flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if batch:
+            try:
+                await asyncio.to_thread(self.history.record_many, batch)
+            except Exception:
+                log.exception("history: could not record %d deliveries", len(batch))
+
+    async def close(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        await self.flush()
+        self.history.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What one message's checks get from outside: None = not looked up (no store, no DNS)."""
+
+    history: HistorySnapshot | None = None
+    dns: Mapping[str, DnsStatus] | None = None
+
+
+class Lookups:
+    """History and DNS for one message; the same object serves `serve` and `check`."""
+
+    def __init__(
+        self, history: HistoryCache | None = None, resolver: DomainResolver | None = None
+    ) -> None:
+        self.history = history
+        self.resolver = resolver
+
+    async def gather(self, view: MessageView, org: Org) -> Context:
+        if self.history is None and self.resolver is None:
+            return Context()
+        domains = lookup_domains(view)
+        hist = await self.history.snapshot(domains) if self.history is not None else None
+        dns = None
+        if self.resolver is not None:
+            dns = await self.resolver.statuses(d for d in domains if not org.is_internal(d))
+        return Context(hist, dns)
+
+    def learn(self, domains: Iterable[str]) -> None:
+        if self.history is not None:
+            self.history.learn(domains)
+
+    async def close(self) -> None:
+        if self.history is not None:
+            await self.history.close()
