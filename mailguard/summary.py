@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Literal
 
 Field = Literal["to", "cc", "bcc", "hidden"]
 _FIELDS: tuple[Field, ...] = ("to", "cc", "bcc", "hidden")
@@ -93,9 +93,11 @@ class Summary:
 
         def rcpt(m: Mapping[str, object]) -> Recipient:
             f = s(m, "field")
-            return Recipient(
-                s(m, "addr"), s(m, "name"), cast(Field, f) if f in _FIELDS else "to", s(m, "org")
-            )
+            where: Field = "to"
+            for known in _FIELDS:
+                if f == known:
+                    where = known
+            return Recipient(s(m, "addr"), s(m, "name"), where, s(m, "org"))
 
         def size(m: Mapping[str, object]) -> int:
             v = m.get("size", 0)
