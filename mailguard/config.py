@@ -9,9 +9,10 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mailguard.errors import ConfigError
 
@@ -158,23 +159,66 @@ class Config:
     source: str = ""  # the file it came from, for messages
 
 
+Section = (
+    SmtpConfig
+    | UpstreamConfig
+    | PolicyConfig
+    | StoreConfig
+    | WebConfig
+    | NotifyConfig
+    | DnsConfig
+    | LogConfig
+)
+
+
+def _hostport(value: object) -> HostPort:
+    if not isinstance(value, str):
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return parse_hostport(value)
+
+
+def _size(value: object) -> int:
+    return parse_size(value if isinstance(value, int) else str(value))
+
+
+def _duration(value: object) -> float:
+    return parse_duration(value if isinstance(value, int | float) else str(value))
+
+
+def _path(value: object) -> Path:
+    if not isinstance(value, str):
+        raise ValueError("expected a path string")
+    return Path(value)
+
+
 # How each key is converted; anything not listed takes the field's own type.
-_CONVERT: dict[tuple[str, str], Any] = {
-    ("smtp", "listen"): parse_hostport,
-    ("upstream", "address"): parse_hostport,
-    ("web", "listen"): parse_hostport,
-    ("smtp", "max_message_size"): parse_size,
-    ("smtp", "spool_threshold"): parse_size,
-    ("smtp", "timeout"): parse_duration,
-    ("upstream", "connect_timeout"): parse_duration,
-    ("upstream", "command_timeout"): parse_duration,
-    ("upstream", "data_timeout"): parse_duration,
-    ("upstream", "idle_timeout"): parse_duration,
-    ("dns", "timeout"): parse_duration,
-    ("web", "min_dwell"): parse_duration,
-    ("store", "path"): Path,
+_CONVERT: dict[tuple[str, str], Callable[[object], object]] = {
+    ("smtp", "listen"): _hostport,
+    ("upstream", "address"): _hostport,
+    ("web", "listen"): _hostport,
+    ("smtp", "max_message_size"): _size,
+    ("smtp", "spool_threshold"): _size,
+    ("smtp", "timeout"): _duration,
+    ("upstream", "connect_timeout"): _duration,
+    ("upstream", "command_timeout"): _duration,
+    ("upstream", "data_timeout"): _duration,
+    ("upstream", "idle_timeout"): _duration,
+    ("dns", "timeout"): _duration,
+    ("web", "min_dwell"): _duration,
+    ("store", "path"): _path,
 }
-_SECTIONS = {f.name: f for f in fields(Config) if f.name != "source"}
+# The [section] tables and the class each one builds.
+_SECTIONS: dict[str, type[Section]] = {
+    "smtp": SmtpConfig,
+    "upstream": UpstreamConfig,
+    "policy": PolicyConfig,
+    "store": StoreConfig,
+    "web": WebConfig,
+    "notify": NotifyConfig,
+    "dns": DnsConfig,
+    "log": LogConfig,
+}
+assert set(_SECTIONS) == {f.name for f in fields(Config) if f.name != "source"}
 _CHOICES = {
     ("notify", "charset"): ("utf-8", "iso-2022-jp"),
     ("notify", "lang"): ("ja", "en", "ja+en"),
@@ -197,13 +241,9 @@ def key_line(text: str, section: str, key: str | None = None) -> int | None:
     return None
 
 
-def _convert(section: str, key: str, value: Any, default: Any) -> Any:
+def _convert(section: str, key: str, value: object, default: object) -> object:
     conv = _CONVERT.get((section, key))
     if conv is not None:
-        if conv is Path:
-            if not isinstance(value, str):
-                raise ValueError("expected a path string")
-            return Path(value)
         return conv(value)
     if isinstance(default, bool):
         if not isinstance(value, bool):
@@ -214,7 +254,7 @@ def _convert(section: str, key: str, value: Any, default: Any) -> Any:
             raise ValueError(f"expected a non-negative integer, got {value!r}")
         return value
     if isinstance(default, float):
-        return parse_duration(value)
+        return _duration(value)
     if isinstance(default, tuple):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ValueError("expected a list of strings")
@@ -227,8 +267,8 @@ def _convert(section: str, key: str, value: Any, default: Any) -> Any:
     return value
 
 
-def from_dict(data: dict[str, Any], *, source: str = "", text: str = "") -> Config:
-    sections: dict[str, Any] = {}
+def from_dict(data: Mapping[str, object], *, source: str = "", text: str = "") -> Config:
+    sections: dict[str, Section] = {}
     for name, value in data.items():
         if name not in _SECTIONS:
             raise ConfigError(
@@ -239,28 +279,54 @@ def from_dict(data: dict[str, Any], *, source: str = "", text: str = "") -> Conf
             )
         if not isinstance(value, dict):
             raise ConfigError("expected a table", file=source, key=name)
-        cls = _SECTIONS[name].default_factory  # type: ignore[misc]
-        defaults = cls()
-        known = {f.name: getattr(defaults, f.name) for f in fields(defaults)}
-        kwargs: dict[str, Any] = {}
-        for key, v in value.items():
-            if key not in known:
-                raise ConfigError(
-                    f"unknown key (expected {', '.join(known)})",
-                    file=source,
-                    line=key_line(text, name, key),
-                    key=f"{name}.{key}",
-                )
-            try:
-                kwargs[key] = _convert(name, key, v, known[key])
-            except ValueError as e:
-                raise ConfigError(
-                    str(e), file=source, line=key_line(text, name, key), key=f"{name}.{key}"
-                ) from None
-        sections[name] = cls(**kwargs)
-    cfg = Config(**sections, source=source)
+        sections[name] = _section(name, value, source, text)
+    cfg = Config(
+        smtp=_pick(sections, "smtp", SmtpConfig),
+        upstream=_pick(sections, "upstream", UpstreamConfig),
+        policy=_pick(sections, "policy", PolicyConfig),
+        store=_pick(sections, "store", StoreConfig),
+        web=_pick(sections, "web", WebConfig),
+        notify=_pick(sections, "notify", NotifyConfig),
+        dns=_pick(sections, "dns", DnsConfig),
+        log=_pick(sections, "log", LogConfig),
+        source=source,
+    )
     _validate(cfg, source, text)
     return cfg
+
+
+def _section(name: str, table: dict[str, object], source: str, text: str) -> Section:
+    """One [section] table: its defaults with the file's keys converted and put in."""
+    defaults = _SECTIONS[name]()
+    known = {f.name: getattr(defaults, f.name) for f in fields(defaults)}
+    # Values differ in type by key (checked by _convert): Any only between here and replace().
+    changes: dict[str, Any] = {}
+    for key, v in table.items():
+        if key not in known:
+            raise ConfigError(
+                f"unknown key (expected {', '.join(known)})",
+                file=source,
+                line=key_line(text, name, key),
+                key=f"{name}.{key}",
+            )
+        try:
+            changes[key] = _convert(name, key, v, known[key])
+        except ValueError as e:
+            raise ConfigError(
+                str(e), file=source, line=key_line(text, name, key), key=f"{name}.{key}"
+            ) from None
+    return replace(defaults, **changes)
+
+
+_S = TypeVar("_S", bound=Section)
+
+
+def _pick(sections: Mapping[str, Section], name: str, cls: type[_S]) -> _S:
+    got = sections.get(name)
+    if got is None:
+        return cls()
+    assert isinstance(got, cls), (name, got)
+    return got
 
 
 def _validate(cfg: Config, source: str, text: str) -> None:

@@ -1,4 +1,4 @@
-"""fileformats.sniff on files made by the real tools (zip, pyzipper, 7z, qpdf, msoffcrypto, gpg,
+"""formats.sniff on files made by the real tools (zip, pyzipper, 7z, qpdf, msoffcrypto, gpg,
 openssl) and on hand-built legacy Office / TNEF / RAR bytes; bombs and damaged files."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from test_attachments_make import (
     word_doc,
 )
 
-from mailguard.checks.fileformats import FileInfo, SniffLimits, sniff
+from mailguard.formats import FileInfo, SniffLimits, sniff
 
 CSV = "氏名,メール\n山田太郎,taro@example.co.jp\n".encode("cp932")
 

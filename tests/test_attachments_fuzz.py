@@ -20,8 +20,7 @@ from test_attachments_make import (
     word_doc,
 )
 
-from mailguard.checks.fileformats import FileInfo, SniffLimits, sniff, sniff_unguarded
-from mailguard.checks.formats.base import Budget
+from mailguard.formats import Budget, FileInfo, SniffLimits, sniff, sniff_unguarded
 
 LIMITS = SniffLimits(max_inner_bytes=1 << 20)
 MAGICS = [

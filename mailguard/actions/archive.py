@@ -29,7 +29,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 
 import pyzipper
 
@@ -144,6 +144,8 @@ def _zipcrypto(members: Sequence[Member], password: str, level: int) -> bytes:
 _EOCD = struct.Struct("<4s4H2LH")
 _CEN = struct.Struct("<4s6H3L5H2L")
 _LOC = struct.Struct("<4s5H3L2H")
+_LOC_SIG = b"PK\x03\x04"
+_LOC_FLAGS, _LOC_NAME_LEN, _LOC_EXTRA_LEN = 1, 8, 9  # in the fields after the signature
 
 
 def _encode_name(name: str, charset: str) -> bytes:
@@ -184,18 +186,21 @@ def rebuild(archives: Sequence[bytes], charset: str | None = None) -> bytes:
                 if new_name != name.encode("utf-8"):
                     name_field = _unicode_path_field(new_name, name.encode("utf-8"))
                 flags &= ~_FLAG_UTF8
-            loc: list[Any] = list(_LOC.unpack_from(body))
-            local_extra = bytes(body[30 + loc[9] : 30 + loc[9] + loc[10]])
-            payload = body[30 + loc[9] + loc[10] :]
-            loc[2] = (loc[2] & ~_FLAG_UTF8) | (flags & _FLAG_UTF8)
-            loc[9], loc[10] = len(new_name), len(local_extra) + len(name_field)
-            head = _LOC.pack(*loc) + new_name + local_extra + name_field
+            # version, flags, method, time, date, crc, sizes, name length, extra length
+            loc = [int(v) for v in _LOC.unpack_from(body)[1:]]
+            nlen, xlen = loc[_LOC_NAME_LEN], loc[_LOC_EXTRA_LEN]
+            local_extra = bytes(body[30 + nlen : 30 + nlen + xlen])
+            payload = body[30 + nlen + xlen :]
+            loc[_LOC_FLAGS] = (loc[_LOC_FLAGS] & ~_FLAG_UTF8) | (flags & _FLAG_UTF8)
+            loc[_LOC_NAME_LEN] = len(new_name)
+            loc[_LOC_EXTRA_LEN] = len(local_extra) + len(name_field)
+            head = _LOC.pack(_LOC_SIG, *loc) + new_name + local_extra + name_field
             cen[3] = flags
             cen[10], cen[11], cen[16] = len(new_name), len(extra) + len(name_field), size
             central += _CEN.pack(*cen) + new_name + extra + name_field + comment
             out += [head, payload]
             size += len(head) + len(payload)
-            if name_field and loc[2] & _FLAG_DESCRIPTOR:
+            if name_field and loc[_LOC_FLAGS] & _FLAG_DESCRIPTOR:
                 # Debian's unzip 6.0 counts the data descriptor of an entry with a 0x7075
                 # field 8 bytes long (as if ZIP64) and its overlap check (CVE-2019-13232)
                 # then rejects the archive; readers find entries through the central

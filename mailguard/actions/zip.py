@@ -19,6 +19,7 @@ Options (all optional):
   select               "unencrypted" (default: skip files already encrypted) | "all"
   min_size             bytes; smaller attachments stay as they are (default 0)
   scan                 callable(data, filename) -> None, raising scan.ScanRejected to refuse
+                       (a scan.Scanner)
   compresslevel        deflate level for compressible files (default 6)
   lang                 language of the password notice (default "ja")
 """
@@ -26,19 +27,21 @@ Options (all optional):
 from __future__ import annotations
 
 import base64
-import importlib
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from mailguard.actions.archive import Member, build_zip
+from mailguard.actions.archive import Member, Method, NameCharset, build_zip
 from mailguard.actions.base import Notice, Rewritten
-from mailguard.actions.headers import field_value, header_end, line_ending, split_fields
+from mailguard.actions.headers import RawField, field_value, header_end, line_ending, split_fields
 from mailguard.actions.passwords import DEFAULT_ALPHABET, DEFAULT_LENGTH, generate_password
-from mailguard.message.addresses import decode_header_text, decode_words, normalize_domain
+from mailguard.actions.scan import Scanner
+from mailguard.formats import is_encrypted
+from mailguard.message.addresses import normalize_domain
 from mailguard.message.types import Part
 
 if TYPE_CHECKING:
@@ -46,58 +49,76 @@ if TYPE_CHECKING:
 
 TRACE_HEADER = "X-MailGuard-Zip"
 
+_METHODS: tuple[Method, ...] = ("aes", "zipcrypto")
+_CHARSETS: tuple[NameCharset, ...] = ("utf-8", "cp932")
+
+
+# --- options ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ZipOptions:
+    """The transform's options (module docstring), read once from the policy's mapping."""
+
+    method: Method = "aes"
+    filename_charset: NameCharset = "utf-8"
+    zip_name: str = "{stem}.zip"
+    zip_name_multi: str = "attachments_{date}.zip"
+    password_length: int = DEFAULT_LENGTH
+    password_alphabet: str = DEFAULT_ALPHABET
+    password_to: str = "sender"
+    password_delay: float = 0.0
+    per_domain_passwords: bool = False
+    select: str = "unencrypted"
+    min_size: int = 0
+    scan: Scanner | None = None
+    compresslevel: int = 6
+    lang: str = "ja"
+
+    @classmethod
+    def of(cls, options: Mapping[str, Any] | ZipOptions) -> ZipOptions:
+        """Raises ValueError on an unknown method or filename charset, or a non-number."""
+        if isinstance(options, ZipOptions):
+            return options
+        method = options.get("method", "aes")
+        charset = options.get("filename_charset", "utf-8")
+        for m in _METHODS:
+            if method == m:
+                break
+        else:
+            raise ValueError(f"unknown zip method {method!r} (expected aes, zipcrypto)")
+        for c in _CHARSETS:
+            if charset == c:
+                break
+        else:
+            raise ValueError(f"unknown filename_charset {charset!r} (expected utf-8, cp932)")
+        scan = options.get("scan")
+        if scan is not None and not callable(scan):
+            raise ValueError(f"scan must be callable, got {scan!r}")
+        return cls(
+            method=m,
+            filename_charset=c,
+            zip_name=str(options.get("zip_name", "{stem}.zip")),
+            zip_name_multi=str(options.get("zip_name_multi", "attachments_{date}.zip")),
+            password_length=int(options.get("password_length", DEFAULT_LENGTH)),
+            password_alphabet=str(options.get("password_alphabet", DEFAULT_ALPHABET)),
+            password_to=str(options.get("password_to", "sender")),
+            password_delay=float(options.get("password_delay", 0) or 0),
+            per_domain_passwords=bool(options.get("per_domain_passwords")),
+            select=str(options.get("select", "unencrypted")),
+            min_size=int(options.get("min_size", 0)),
+            scan=scan,
+            compresslevel=int(options.get("compresslevel", 6)),
+            lang=str(options.get("lang", "ja")),
+        )
+
 
 # --- which parts ------------------------------------------------------------------------------
 
 
-def _sniffer() -> Callable[[bytes, str], Any] | None:
-    """The checks stage's format sniffer, if present (it knows many more formats than we do)."""
-    for mod, attr in (
-        ("mailguard.checks.formats", "sniff"),
-        ("mailguard.checks.fileformats", "sniff"),
-    ):
-        try:
-            fn = getattr(importlib.import_module(mod), attr, None)
-        except ImportError:
-            continue
-        if callable(fn):
-            return fn  # type: ignore[no-any-return]
-    return None
-
-
-_OLE = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
-
-
-def looks_encrypted(data: bytes) -> bool:
-    """Fallback when the sniffer is missing: the common encrypted shapes only.
-
-    Zip with the encryption flag on its first entry, PDF with an /Encrypt dictionary,
-    an OLE container holding an EncryptedPackage (password-protected Office), 7z with
-    encrypted headers cannot be told apart cheaply and counts as clear.
-    """
-    if data[:4] == b"PK\x03\x04":
-        return len(data) > 8 and bool(data[6] & 1)
-    if data[:5] == b"%PDF-":
-        return b"/Encrypt" in data[-65536:] or b"/Encrypt" in data[:65536]
-    if data[:8] == _OLE:
-        return "EncryptedPackage".encode("utf-16-le") in data[: 1 << 20]
-    return False
-
-
-def is_encrypted(data: bytes, filename: str) -> bool:
-    sniff = _sniffer()
-    if sniff is not None:
-        # None = cannot tell: zip it (encrypting twice costs less than a leak)
-        return getattr(sniff(data, filename), "encrypted", None) is True
-    return looks_encrypted(data)
-
-
 def _all_parts(view: MessageView) -> list[Part]:
     out: list[Part] = []
-    stack = list(getattr(view, "parts", []) or [])
-    root = getattr(view, "root", None)
-    if root is not None:
-        stack.append(root)
+    stack = [*view.parts, view.root]
     seen: set[int] = set()
     while stack:
         p = stack.pop()
@@ -223,15 +244,13 @@ class ZipAttachments:
     name = "zip"
 
     def apply(self, raw: bytes, view: MessageView, options: Mapping[str, Any]) -> Rewritten:
+        opts = ZipOptions.of(options)
         parts = _all_parts(view)
         parents = {id(c): p for p in parts for c in p.children}
-        select = options.get("select", "unencrypted")
-        min_size = int(options.get("min_size", 0))
-        scan = options.get("scan")
         chosen: list[tuple[Part, bytes]] = []
         skipped: list[str] = []
-        for part in getattr(view, "attachments", []):
-            if part.role != "attachment" or part is getattr(view, "root", None):
+        for part in view.attachments:
+            if part.role != "attachment" or part is view.root:
                 continue
             if part.path == "" or id(part) not in parents or _inside_message(part, parents):
                 skipped.append(f"{part.filename or part.path}: not a top-level attachment")
@@ -241,9 +260,9 @@ class ZipAttachments:
             if damaged:  # zipping what we could decode would change the file: leave it
                 skipped.append(f"{part.filename}: {', '.join(sorted(damaged))}")
                 continue
-            if len(data) < min_size:
+            if len(data) < opts.min_size:
                 continue
-            if select != "all" and is_encrypted(data, part.filename):
+            if opts.select != "all" and is_encrypted(data, part.filename):
                 skipped.append(f"{part.filename}: already encrypted")
                 continue
             chosen.append((part, data))
@@ -253,16 +272,15 @@ class ZipAttachments:
         names = _unique(
             [_safe_name(p.filename or f"attachment{i + 1}") for i, (p, _) in enumerate(chosen)]
         )
-        if scan is not None:
+        if opts.scan is not None:
             for (_, data), name in zip(chosen, names, strict=True):
-                scan(data, name)
+                opts.scan(data, name)
 
-        end = getattr(view, "header_end", None) or header_end(raw)
-        fields = split_fields(raw, end)
-        date = _message_date(raw, fields)
-        subject = _subject(raw, fields, view)
+        end = view.header_end or header_end(raw)
+        date = _message_date(raw, split_fields(raw, end))
+        subject = view.subject
         members = [Member(n, d, date) for (_, d), n in zip(chosen, names, strict=True)]
-        zip_name = _zip_name(options, names, date)
+        zip_name = _zip_name(opts, names, date)
         nl = line_ending(raw)
         if view.envelope is None:  # notices and splits are addressed from the envelope
             raise ValueError("zip transform needs the message's envelope")
@@ -270,7 +288,7 @@ class ZipAttachments:
         rcpts = list(view.envelope.rcpt_tos)
 
         groups: list[tuple[str, list[str]]]
-        if options.get("per_domain_passwords"):
+        if opts.per_domain_passwords:
             by_dom: dict[str, list[str]] = {}
             for r in rcpts:
                 by_dom.setdefault(normalize_domain(r.rpartition("@")[2])[0], []).append(r)
@@ -282,29 +300,25 @@ class ZipAttachments:
         splits: list[tuple[tuple[str, ...], bytes]] = []
         out = raw
         for _dom, who in groups:
-            password = generate_password(
-                int(options.get("password_length", DEFAULT_LENGTH)),
-                str(options.get("password_alphabet", DEFAULT_ALPHABET)),
-            )
+            password = generate_password(opts.password_length, opts.password_alphabet)
             archive = build_zip(
                 members,
                 password,
-                method=options.get("method", "aes"),
-                names=options.get("filename_charset", "utf-8"),
-                compresslevel=int(options.get("compresslevel", 6)),
+                method=opts.method,
+                names=opts.filename_charset,
+                compresslevel=opts.compresslevel,
             )
             body = b64_body(archive, nl)
             del archive  # only the encoded pieces are needed from here on
             out = _splice(raw, [p for p, _ in chosen], parents, body, zip_name, nl, len(names))
             del body
-            notices.append(_notice(options, password, names, zip_name, subject, who, sender))
+            notices.append(_notice(opts, password, names, zip_name, subject, who, sender))
             if len(groups) > 1:
                 splits.append((tuple(who), out))
-        method = options.get("method", "aes")
         trace = (
-            f"zip: {len(names)} file(s) into {zip_name} ({method}"
+            f"zip: {len(names)} file(s) into {zip_name} ({opts.method}"
             f"{', per-domain passwords' if len(groups) > 1 else ''}); "
-            f"password to {options.get('password_to', 'sender')}" + _why(skipped)
+            f"password to {opts.password_to}" + _why(skipped)
         )
         return Rewritten(out, notices=tuple(notices), trace=trace, splits=tuple(splits))
 
@@ -327,7 +341,7 @@ def _unique(names: list[str]) -> list[str]:
     return out
 
 
-def _message_date(raw: bytes, fields: Iterable[Any]) -> datetime:
+def _message_date(raw: bytes, fields: Iterable[RawField]) -> datetime:
     """The Date header's wall-clock time (the sender's), else now: used for mtime and {date}."""
     for f in fields:
         if f.key() == "date":
@@ -339,22 +353,8 @@ def _message_date(raw: bytes, fields: Iterable[Any]) -> datetime:
     return datetime.now()
 
 
-def _subject(raw: bytes, fields: Iterable[Any], view: Any) -> str:
-    s = getattr(view, "subject", None)
-    if isinstance(s, str):
-        return s
-    for f in fields:
-        if f.key() == "subject":
-            text = field_value(raw, f).decode("ascii", "surrogateescape")
-            return decode_words(decode_header_text(text)).strip()
-    return ""
-
-
-def _zip_name(options: Mapping[str, Any], names: list[str], date: datetime) -> str:
-    if len(names) == 1:
-        tpl = str(options.get("zip_name", "{stem}.zip"))
-    else:
-        tpl = str(options.get("zip_name_multi", "attachments_{date}.zip"))
+def _zip_name(opts: ZipOptions, names: list[str], date: datetime) -> str:
+    tpl = opts.zip_name if len(names) == 1 else opts.zip_name_multi
     try:
         name = tpl.format(stem=_stem(names[0]), date=date.strftime("%Y%m%d"), count=len(names))
     except (KeyError, IndexError, ValueError):
@@ -364,7 +364,7 @@ def _zip_name(options: Mapping[str, Any], names: list[str], date: datetime) -> s
 
 
 def _notice(
-    options: Mapping[str, Any],
+    options: ZipOptions | Mapping[str, Any],
     password: str,
     names: list[str],
     zip_name: str,
@@ -372,8 +372,9 @@ def _notice(
     recipients: list[str],
     sender: str,
 ) -> Notice:
-    to_recipients = options.get("password_to", "sender") == "recipients"
-    delay = float(options.get("password_delay", 0) or 0)
+    opts = ZipOptions.of(options)
+    to_recipients = opts.password_to == "recipients"
+    delay = opts.password_delay
     return Notice(
         kind="zip-password",
         to=tuple(recipients) if to_recipients else (sender,),
@@ -383,7 +384,7 @@ def _notice(
             "zip_name": zip_name,
             "subject": subject,
             "recipients": list(recipients),
-            "lang": options.get("lang", "ja"),
+            "lang": opts.lang,
         },
         send_after=timedelta(seconds=delay) if to_recipients else timedelta(0),
     )
@@ -430,4 +431,4 @@ def _splice(
     return b"".join(out)
 
 
-__all__ = ["ZipAttachments", "b64_body", "is_encrypted", "looks_encrypted", "part_headers"]
+__all__ = ["ZipAttachments", "ZipOptions", "b64_body", "part_headers"]

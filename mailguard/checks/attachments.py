@@ -5,7 +5,7 @@ signatures are not. Files inside forwarded messages (message/rfc822, also base64
 and inside Outlook's winmail.dat (TNEF) count as attached files too. An S/MIME or PGP/MIME
 encrypted message counts as one encrypted item: its contents cannot be seen, and are protected.
 
-Every file goes through `fileformats.sniff` (bytes, not names or declared types). The work per
+Every file goes through `mailguard.formats.sniff` (bytes, not names or declared types). The work per
 message is bounded: one decompression budget for all files, a cap on items and nesting.
 """
 
@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from mailguard.checks.context import CheckContext
-from mailguard.checks.fileformats import DEFAULT_LIMITS, FileInfo, SniffLimits, sniff_unguarded
 from mailguard.checks.finding import Finding
-from mailguard.checks.formats.base import Budget
+from mailguard.formats import DEFAULT_LIMITS, Budget, FileInfo, SniffLimits, sniff
 from mailguard.message.types import Part
 
 if TYPE_CHECKING:
@@ -95,13 +94,7 @@ class _Walk:
         self.items.append(item)
 
     def sniff(self, data: bytes, name: str) -> FileInfo:
-        try:
-            return sniff_unguarded(data, name, self.budget, 0)
-        except Exception as e:  # a parser bug must cost a verdict, never the message
-            log.warning("attachment %r: sniff failed: %s: %s", name, type(e).__name__, e)
-            return FileInfo(
-                "other", "application/octet-stream", None, "could not analyse", limited=True
-            )
+        return sniff(data, name, budget=self.budget)
 
 
 def _containers(view: MessageView) -> dict[str, Part]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 
-from mailguard.checks.formats.base import FileInfo, u16, u32
+from mailguard.formats.base import FileInfo, u16, u32
 
 MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
 ENDS = frozenset({0xFFFFFFFE, 0xFFFFFFFF, 0xFFFFFFFD, 0xFFFFFFFC})

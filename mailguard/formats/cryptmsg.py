@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 
-from mailguard.checks.formats.base import FileInfo
+from mailguard.formats.base import FileInfo
 
 P7 = b"\x2a\x86\x48\x86\xf7\x0d\x01\x07"  # 1.2.840.113549.1.7
 P9_CT = b"\x2a\x86\x48\x86\xf7\x0d\x01\x09\x10\x01"  # 1.2.840.113549.1.9.16.1

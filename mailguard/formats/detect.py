@@ -1,4 +1,4 @@
-"""Attachment sniffing: what a file really is, from its bytes, and whether it is encrypted.
+"""File sniffing: what a file really is, from its bytes, and whether it is encrypted.
 
 `sniff(data, filename)` is pure, never raises and does bounded work (see `SniffLimits`). The
 filename is only a hint for naming (e.g. which Office application an encrypted container holds);
@@ -11,20 +11,30 @@ from __future__ import annotations
 
 import logging
 
-from mailguard.checks.formats import cfb, cryptmsg, pdf, rar, sevenz, simple, tnef, zipfmt
-from mailguard.checks.formats.base import Budget, FileInfo, SniffLimits
+from mailguard.formats import cfb, cryptmsg, pdf, rar, sevenz, simple, tnef, zipfmt
+from mailguard.formats.base import Budget, FileInfo, SniffLimits
 
-__all__ = ["FileInfo", "SniffLimits", "sniff"]
+__all__ = ["DEFAULT_LIMITS", "is_encrypted", "sniff", "sniff_unguarded"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LIMITS = SniffLimits()
 
 
-def sniff(data: bytes, filename: str = "", limits: SniffLimits = DEFAULT_LIMITS) -> FileInfo:
-    """What `data` is and whether it is encrypted. Never raises."""
+def sniff(
+    data: bytes,
+    filename: str = "",
+    limits: SniffLimits = DEFAULT_LIMITS,
+    *,
+    budget: Budget | None = None,
+) -> FileInfo:
+    """What `data` is and whether it is encrypted. Never raises.
+
+    `budget` shares one decompression budget across several files (the files of one message);
+    without it each call gets a fresh one from `limits`.
+    """
     try:
-        return sniff_unguarded(data, filename, Budget(limits), 0)
+        return sniff_unguarded(data, filename, budget if budget is not None else Budget(limits), 0)
     except Exception as e:  # a parser bug must cost a verdict, never the message
         log.warning("sniff %r: %s: %s", filename, type(e).__name__, e)
         return FileInfo(
@@ -34,6 +44,15 @@ def sniff(data: bytes, filename: str = "", limits: SniffLimits = DEFAULT_LIMITS)
             f"could not analyse ({type(e).__name__})",
             limited=True,
         )
+
+
+def is_encrypted(data: bytes, filename: str = "") -> bool:
+    """True only when the bytes show the file is protected; "cannot tell" (None) counts as clear.
+
+    The one encryption verdict for actions (the zip transform skips files already encrypted):
+    encrypting twice costs less than a leak.
+    """
+    return sniff(data, filename).encrypted is True
 
 
 def sniff_unguarded(data: bytes, filename: str, budget: Budget, depth: int) -> FileInfo:

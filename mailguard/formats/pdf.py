@@ -12,7 +12,7 @@ import hashlib
 import re
 from typing import Any
 
-from mailguard.checks.formats.base import FileInfo
+from mailguard.formats.base import FileInfo
 
 PAD = bytes.fromhex("28BF4E5E4E758A4164004E56FFFA01082E2E00B6D0683E802F0CA9FE6453697A")
 MIME = "application/pdf"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mailguard.checks.formats.base import FileInfo, combine, u16, u32
+from mailguard.formats.base import FileInfo, combine, u16, u32
 
 RAR4 = b"Rar!\x1a\x07\x00"
 RAR5 = b"Rar!\x1a\x07\x01\x00"

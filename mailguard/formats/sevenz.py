@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import lzma
 
-from mailguard.checks.formats.base import FileInfo, u32, u64
+from mailguard.formats.base import FileInfo, u32, u64
 
 MAGIC = b"7z\xbc\xaf\x27\x1c"
 MIME = "application/x-7z-compressed"

@@ -6,7 +6,7 @@ import math
 import re
 from collections import Counter
 
-from mailguard.checks.formats.base import FileInfo
+from mailguard.formats.base import FileInfo
 
 # (offset, magic, kind, mime): first match wins; more specific entries come first.
 MAGIC: tuple[tuple[int, bytes, str, str], ...] = (

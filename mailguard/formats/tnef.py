@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mailguard.checks.formats.base import Budget, FileInfo, Inner, combine, decode_name, u16, u32
+from mailguard.formats.base import Budget, FileInfo, Inner, combine, decode_name, u16, u32
 
 MAGIC = b"\x78\x9f\x3e\x22"
 MIME = "application/ms-tnef"

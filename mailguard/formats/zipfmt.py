@@ -11,7 +11,7 @@ import bz2
 import zlib
 from dataclasses import dataclass
 
-from mailguard.checks.formats.base import (
+from mailguard.formats.base import (
     Budget,
     FileInfo,
     Inner,
