@@ -23,7 +23,7 @@ from pathlib import Path
 
 from mailguard.checks import CheckContext
 from mailguard.checks.attachments import analyze
-from mailguard.checks.fileformats import sniff
+from mailguard.formats import sniff
 from mailguard.message import MessageView
 
 

@@ -181,6 +181,18 @@ class DomainHistory:
             return None
         return self._frequent
 
+    def add_frequent(self, domains: Iterable[str]) -> None:
+        """Domains a delivery just made frequent: into the cached set now, not at the next
+        refresh (a new set object, so the look-alike index is rebuilt once)."""
+        new = frozenset(domains)
+        if self._frequent is not None and not new <= self._frequent:
+            self._frequent = self._frequent | new
+
+    def record_and_count(self, batch: list[tuple[set[str], datetime]]) -> dict[str, int]:
+        """record_many, then the new counts of the domains it touched (one thread hop)."""
+        self.record_many(batch)
+        return self.counts({d for doms, _ in batch for d in doms})
+
     def snapshot(self, domains: Iterable[str]) -> HistorySnapshot:
         """What CheckContext.history wants for one message."""
         return HistorySnapshot(self.counts(domains), self.frequent())

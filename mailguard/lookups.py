@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -48,16 +49,19 @@ def delivery_domains(rcpt_tos: Iterable[str]) -> tuple[str, ...]:
 class HistoryCache:
     """Delivery history as the checks see it, cheap per message.
 
-    Positive counts are cached a minute; a zero is never cached, so "first-time" is always
-    current. Deliveries update the cache at once and reach the store in small batches (every
-    `flush_every` seconds) so other processes sharing the file see them within that time.
+    Counts read from the store are cached a minute (zeros are not: "first-time" is always
+    read fresh); a delivery counts at once — as a pending delta until its batch reaches the
+    store (every `flush_every` seconds, so other processes sharing the file see it within that
+    time), then as the store's new count. A domain a delivery makes frequent joins the
+    look-alike set at that flush, not at the next periodic refresh.
     """
 
     def __init__(self, history: DomainHistory, *, ttl: float = 60.0, flush_every: float = 0.25):
         self.history = history
         self.ttl = ttl
         self.flush_every = flush_every
-        self._counts: dict[str, tuple[int, float]] = {}
+        self._counts: dict[str, tuple[int, float]] = {}  # the store's count, when read
+        self._unflushed: Counter[str] = Counter()  # learned, not yet in the store
         self._pending: list[tuple[set[str], datetime]] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -78,6 +82,9 @@ class HistoryCache:
                 known.setdefault(d, n)
                 if n > 0:
                     self._counts[d] = (n, now)
+        if self._unflushed:
+            for d in known:
+                known[d] += self._unflushed.get(d, 0)
         frequent = self.history.frequent_cached(now)  # no thread hop per message …
         if frequent is None:
             frequent = await asyncio.to_thread(self.history.frequent)  # … SQL every few minutes
@@ -89,10 +96,7 @@ class HistoryCache:
         if not expanded:
             return
         self._pending.append((expanded, datetime.now(UTC)))
-        now = time.monotonic()
-        for d in expanded:
-            n, _ = self._counts.get(d, (0, now))
-            self._counts[d] = (n + 1, now)
+        self._unflushed.update(expanded)
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._flush_later())
 
@@ -102,11 +106,21 @@ class HistoryCache:
 
     async def flush(self) -> None:
         batch, self._pending = self._pending, []
-        if batch:
-            try:
-                await asyncio.to_thread(self.history.record_many, batch)
-            except Exception:
-                log.exception("history: could not record %d deliveries", len(batch))
+        if not batch:
+            return
+        try:
+            fresh = await asyncio.to_thread(self.history.record_and_count, batch)
+        except Exception:
+            log.exception("history: could not record %d deliveries", len(batch))
+            return  # the deltas stay counted in this process: better than forgetting them
+        now = time.monotonic()
+        for doms, _ in batch:
+            self._unflushed.subtract(doms)
+        self._unflushed = +self._unflushed  # drop zeros
+        for d, n in fresh.items():
+            if n > 0:
+                self._counts[d] = (n, now)
+        self.history.add_frequent(d for d, n in fresh.items() if n >= self.history.frequent_min)
 
     async def close(self) -> None:
         if self._task is not None and not self._task.done():

@@ -19,9 +19,9 @@ from typing import Any
 from mailguard.config import load, parse_duration
 from mailguard.errors import ConfigError, StoreError
 from mailguard.queue.service import HoldService
-from mailguard.summary import Summary
 from mailguard.queue.sqlite import SqliteStore
 from mailguard.queue.store import Held, State, TransitionError
+from mailguard.summary import Summary
 
 _EXIT_OK, _EXIT_FAIL, _EXIT_USAGE = 0, 1, 2
 
@@ -121,8 +121,8 @@ def _show(h: Held, audit: list[dict[str, Any]]) -> str:
     ]
     for f in s.findings:
         lines.append(f"finding:   {f.code}: {f.en}")
-    for a in s.attachments:
-        lines.append(f"attached:  {a.name} ({a.size} bytes)")
+    for att in s.attachments:
+        lines.append(f"attached:  {att.name} ({att.size} bytes)")
     lines.append("audit:")
     for a in audit:
         lines.append(f"  {a['at']}  {a['from'] or '-':>10} → {a['to']:10}  {a['by']}  {a['why']}")

@@ -361,6 +361,7 @@ class _Web:
         groups = s.by_org()
         return {
             "mode": mode,
+            "msg_id": held.id,  # the id in the SMTP reply, the log, the queue and the notices
             "lead": lead,
             "subject": s.subject,
             "sender": sender,
@@ -549,6 +550,14 @@ def _token_outcome(e: TokenError) -> str:
     return "used"  # used, or the message was already decided through another link
 
 
+def _metrics_route(metrics: Metrics) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def render(request: web.Request) -> web.Response:
+        body, ctype = metrics.render()
+        return web.Response(body=body, headers={"Content-Type": ctype})
+
+    return render
+
+
 WEB_KEY: web.AppKey[_Web] = web.AppKey("mailguard.web", _Web)
 
 
@@ -627,6 +636,8 @@ def make_app(
     app.router.add_get("/api/messages/{id}", w.api_show)
     app.router.add_post("/api/messages/{id}/{verb:release|cancel}", w.api_move)
     app.router.add_get("/healthz", w.healthz)
+    if metrics is not None:
+        app.router.add_get("/metrics", _metrics_route(metrics))
     app.router.add_get("/robots.txt", robots)
     return app
 
