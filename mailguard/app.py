@@ -31,7 +31,7 @@ from mailguard.history import DomainHistory
 from mailguard.lookups import HistoryCache, Lookups
 from mailguard.pipeline import Content, Pipeline, Settings
 from mailguard.policy import Policy, builtin_policy, load_policy
-from mailguard.queue import HoldService, SqliteStore, State
+from mailguard.queue import HoldService, SqliteStore
 from mailguard.relay.smtp import SmtpTransport
 from mailguard.server import Server
 
@@ -247,7 +247,7 @@ class Service:
     async def refresh_queue_gauges(self) -> None:
         """Messages per state and the oldest held message's age, for /metrics and the alerts."""
         assert self.metrics is not None and self.store is not None
-        counts = {st.value: await self.store.count(st) for st in State}
+        counts = await self.store.counts()  # one query: a message moving is counted once
         oldest = await self.store.oldest_held()
         age = (datetime.now(UTC) - oldest).total_seconds() if oldest is not None else None
         self.metrics.set_queue(counts, age)
@@ -270,9 +270,8 @@ class Service:
             policy = self._fixed_policy or policy_for(cfg)
         except Exception as e:
             log.error("reload refused, keeping the running policy and configuration: %s", e)
-            if m is not None:
+            if m is not None:  # the policy is what failed: only its alert fires
                 m.policy_reload(False)
-                m.config_reload(False)
             return False
         if cfg.smtp.listen != self.cfg.smtp.listen:
             log.warning("smtp.listen changed: takes effect at the next restart")

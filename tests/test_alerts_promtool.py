@@ -664,7 +664,15 @@ def _reload(tmp_path_factory: pytest.TempPathFactory, what: str) -> Scenario:
         g.stop()
         sink.stop()
     first, last = scrapes
-    assert value(last, "mailguard_config_reloads_total", result="failed") == 1, g.log_text()
+    # a bad policy fails the policy reload only; a bad config file fails the config reload
+    failed = (
+        "mailguard_policy_reloads_total" if what == "policy" else "mailguard_config_reloads_total"
+    )
+    assert value(last, failed, result="failed") == 1, g.log_text()
+    other = (
+        "mailguard_config_reloads_total" if what == "policy" else "mailguard_policy_reloads_total"
+    )
+    assert value(last, other, result="failed") == 0, g.log_text()
     steps = 60
     # a reload is one event, not a rate: every series steps from the first scrape to the last
     series = input_series(first, last, steps=steps, grow=lambda key: False)

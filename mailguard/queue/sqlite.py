@@ -549,6 +549,15 @@ class SqliteStore:
 
         return await self._run(work)
 
+    async def counts(self) -> dict[str, int]:
+        def work() -> dict[str, int]:
+            out = {st.value: 0 for st in State}
+            for st, n in self._c.execute("SELECT state, count(*) FROM held GROUP BY state"):
+                out[str(st)] = int(n)
+            return out
+
+        return await self._run(work)
+
     async def count(self, state: State | None = None) -> int:
         def work() -> int:
             if state is None:

@@ -283,6 +283,10 @@ class HeldStore(Protocol):
 
     async def count(self, state: State | None = None) -> int: ...
 
+    async def counts(self) -> dict[str, int]:
+        """Messages per state, read in one query (every state present, 0 when empty)."""
+        ...
+
     async def oldest_held(self) -> datetime | None:
         """Arrival time of the oldest message still held (None when none is)."""
         ...
