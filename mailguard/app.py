@@ -100,7 +100,7 @@ class Upstream:
         self.transport = transport
 
     async def send(self, env: Envelope, raw: Content, *, wire: bytes | None = None) -> Reply:
-        return await self.transport.send(env, raw, wire=wire)  # type: ignore[arg-type]
+        return await self.transport.send(env, raw, wire=wire)
 
     async def probe(self) -> bool:
         return await self.transport.probe()

@@ -25,12 +25,13 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
+from mailguard.checks.context import HistorySnapshot
 from mailguard.checks.domains import FREQUENT_MIN, registrable
 from mailguard.message.addresses import normalize_domain, parse_addresses
 
@@ -47,32 +48,6 @@ CREATE TABLE IF NOT EXISTS history_import (
     key TEXT PRIMARY KEY              -- one imported delivery: makes imports idempotent
 );
 """
-
-
-class HistorySnapshot(Mapping[str, int]):
-    """Counts for one message's domains plus the frequently used set (CheckContext.history).
-
-    `frequent` is the same frozenset object between refreshes, so the domain check can reuse its
-    look-alike index instead of rebuilding it per message.
-    """
-
-    __slots__ = ("_counts", "frequent")
-
-    def __init__(self, counts: Mapping[str, int], frequent: frozenset[str]) -> None:
-        self._counts = dict(counts)
-        self.frequent = frequent
-
-    def __getitem__(self, key: str) -> int:
-        return self._counts[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._counts)
-
-    def __len__(self) -> int:
-        return len(self._counts)
-
-    def __repr__(self) -> str:
-        return f"HistorySnapshot({self._counts!r}, frequent={len(self.frequent)})"
 
 
 @dataclass(frozen=True, slots=True)

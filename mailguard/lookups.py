@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from mailguard.checks.context import DnsStatus, Org
+from mailguard.checks.context import DnsStatus, HistorySnapshot, Org
 from mailguard.checks.domains import recipient_addresses
-from mailguard.history import DomainHistory, HistorySnapshot
+from mailguard.history import DomainHistory
 from mailguard.message.addresses import parse_envelope
 
 if TYPE_CHECKING:

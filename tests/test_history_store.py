@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from mailguard.checks import domains
-from mailguard.checks.context import CheckContext, Org
+from mailguard.checks.context import CheckContext, HistorySnapshot, Org
 from mailguard.cli import main
-from mailguard.history import DomainHistory, HistorySnapshot
+from mailguard.history import DomainHistory
 from mailguard.message import MessageView
 
 T0 = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)

@@ -175,7 +175,7 @@ class BccRewrite:
         def move(domain: str) -> bool:
             return not (keep_internal and internal(domain))
 
-        end = getattr(view, "header_end", None) or header_end(raw)
+        end = view.header_end or header_end(raw)
         fields = split_fields(raw, end)
         nl = line_ending(raw)
         to_f = [f for f in fields if f.key() == "to"]

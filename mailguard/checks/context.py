@@ -5,7 +5,7 @@ Checks do no I/O: everything here is looked up before the checks run and passed 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -47,3 +47,29 @@ class CheckContext:
     history: Mapping[str, int] | None = None
     # domain (A-label) -> DNS verdict; None = DNS not consulted (offline): no DNS findings
     dns: Mapping[str, DnsStatus] | None = None
+
+
+class HistorySnapshot(Mapping[str, int]):
+    """Counts for one message's domains plus the frequently used set (CheckContext.history).
+
+    `frequent` is the same frozenset object between refreshes, so the domain check can reuse its
+    look-alike index instead of rebuilding it per message.
+    """
+
+    __slots__ = ("_counts", "frequent")
+
+    def __init__(self, counts: Mapping[str, int], frequent: frozenset[str]) -> None:
+        self._counts = dict(counts)
+        self.frequent = frequent
+
+    def __getitem__(self, key: str) -> int:
+        return self._counts[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._counts)
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+    def __repr__(self) -> str:
+        return f"HistorySnapshot({self._counts!r}, frequent={len(self.frequent)})"

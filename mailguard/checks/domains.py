@@ -25,15 +25,18 @@ import unicodedata
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import idna
 from rapidfuzz.distance import OSA
 
-from mailguard.checks.context import CheckContext, DnsStatus, Org
+from mailguard.checks.context import CheckContext, DnsStatus, HistorySnapshot, Org
 from mailguard.checks.finding import Finding
 from mailguard.message.addresses import parse_envelope
 from mailguard.message.types import Address
+
+if TYPE_CHECKING:
+    from mailguard.message import MessageView
 
 __all__ = [
     "FREQUENT_MIN",
@@ -308,9 +311,8 @@ def _index(org: Org, frequent: frozenset[str]) -> LookalikeIndex:
 def _frequent(history: Mapping[str, int] | None) -> frozenset[str]:
     if history is None:
         return frozenset()
-    pre = getattr(history, "frequent", None)  # history.HistorySnapshot precomputes it
-    if isinstance(pre, frozenset):
-        return pre
+    if isinstance(history, HistorySnapshot):  # the server's lookups precompute it
+        return history.frequent
     return frozenset(d for d, n in history.items() if n >= FREQUENT_MIN)
 
 
@@ -348,14 +350,14 @@ class DomainReport:
         return {d: info.to_json() for d, info in self.domains.items()}
 
 
-def recipient_addresses(view: Any) -> list[Address]:
+def recipient_addresses(view: MessageView) -> list[Address]:
     """Every recipient the message names: envelope first, then To, Cc, Bcc headers."""
     out: list[Address] = []
-    env = getattr(view, "envelope", None)
-    if env is not None:
-        out.extend(parse_envelope(env.rcpt_tos))
-    for name in ("to", "cc", "bcc"):
-        out.extend(getattr(view, name, ()) or ())
+    if view.envelope is not None:
+        out.extend(parse_envelope(view.envelope.rcpt_tos))
+    out.extend(view.to)
+    out.extend(view.cc)
+    out.extend(view.bcc)
     return out
 
 
@@ -371,7 +373,7 @@ def _shown(domains: Iterable[DomainInfo]) -> str:
     )
 
 
-def analyze(view: Any, ctx: CheckContext) -> DomainReport:
+def analyze(view: MessageView, ctx: CheckContext) -> DomainReport:
     """Classify each distinct recipient domain and report the findings listed in checks/__init__."""
     org = ctx.org
     unicode_of: dict[str, str] = {}

@@ -7,14 +7,18 @@ Two customers at gmail.com who see each other's address are two parties, not one
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailguard.checks.context import CheckContext, Org
 from mailguard.checks.domains import is_freemail, registrable
 from mailguard.checks.finding import Finding
 from mailguard.message.addresses import address_key, parse_envelope
 from mailguard.message.types import Address
+
+if TYPE_CHECKING:
+    from mailguard.message import MessageView
 
 __all__ = ["RecipientReport", "analyze", "party"]
 
@@ -26,7 +30,7 @@ def party(a: Address, org: Org | None = None) -> str:
     return registrable(a.domain)
 
 
-def _unique(addrs: Any) -> list[Address]:
+def _unique(addrs: Iterable[Address]) -> list[Address]:
     seen: set[str] = set()
     out: list[Address] = []
     for a in addrs:
@@ -80,17 +84,12 @@ class RecipientReport:
         }
 
 
-def analyze(view: Any, ctx: CheckContext) -> RecipientReport:
+def analyze(view: MessageView, ctx: CheckContext) -> RecipientReport:
     """Visible external recipients, parties, external/Bcc/hidden recipients of one message."""
     org = ctx.org
-    rep = RecipientReport(
-        to=list(getattr(view, "to", ()) or ()),
-        cc=list(getattr(view, "cc", ()) or ()),
-        bcc=list(getattr(view, "bcc", ()) or ()),
-    )
-    env = getattr(view, "envelope", None)
-    if env is not None:
-        rep.envelope = parse_envelope(env.rcpt_tos)
+    rep = RecipientReport(to=list(view.to), cc=list(view.cc), bcc=list(view.bcc))
+    if view.envelope is not None:
+        rep.envelope = parse_envelope(view.envelope.rcpt_tos)
 
     visible = _unique([*rep.to, *rep.cc])
     rep.visible_external = [a for a in visible if _external(a, org)]

@@ -246,7 +246,9 @@ class SmtpTransport:
         return True
 
     # -- sending --------------------------------------------------------------------------
-    async def send(self, env: Envelope, raw: bytes, *, wire: bytes | None = None) -> Reply:
+    async def send(
+        self, env: Envelope, raw: bytes | mmap.mmap, *, wire: bytes | None = None
+    ) -> Reply:
         """Deliver `raw` to every envelope recipient or to none; see the module docstring.
 
         `wire` is the same message already in DATA form (dot-stuffed, CRLF), as received:
@@ -290,7 +292,7 @@ class SmtpTransport:
             self._connect_failed()
 
     async def _transaction(
-        self, conn: _Conn, env: Envelope, raw: bytes, wire: bytes | None
+        self, conn: _Conn, env: Envelope, raw: bytes | mmap.mmap, wire: bytes | None
     ) -> Reply:
         """Envelope commands under command_timeout, then the data under data_timeout."""
         try:
@@ -305,7 +307,7 @@ class SmtpTransport:
             raise
 
     async def _envelope(
-        self, conn: _Conn, env: Envelope, raw: bytes, wire: bytes | None
+        self, conn: _Conn, env: Envelope, raw: bytes | mmap.mmap, wire: bytes | None
     ) -> Reply | None:
         """MAIL, RCPT…, DATA; a Reply when the transaction ends here, None to send the data."""
         smtp = conn.smtp
@@ -353,7 +355,7 @@ class SmtpTransport:
             return Reply(r.code if r.code >= 500 else 451, r.message)
         return None
 
-    async def _data(self, conn: _Conn, raw: bytes, wire: bytes | None) -> Reply:
+    async def _data(self, conn: _Conn, raw: bytes | mmap.mmap, wire: bytes | None) -> Reply:
         proto = conn.smtp.protocol
         assert proto is not None
         # Written straight to the protocol: see the module docstring for why not smtp.data().
