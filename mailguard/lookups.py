@@ -20,6 +20,7 @@ from mailguard.checks.context import DnsStatus, HistorySnapshot, Org
 from mailguard.checks.domains import recipient_addresses
 from mailguard.history import DomainHistory
 from mailguard.message.addresses import parse_envelope
+from mailguard.message.types import Address
 
 if TYPE_CHECKING:
     from mailguard.dns import DomainResolver
@@ -39,11 +40,11 @@ def lookup_domains(view: MessageView) -> list[str]:
 
 def delivery_domains(rcpt_tos: Iterable[str]) -> tuple[str, ...]:
     """The domains a delivery to these envelope recipients teaches the history."""
-    return tuple(
-        dict.fromkeys(
-            a.domain for a in parse_envelope(rcpt_tos) if a.domain and not a.domain.startswith("[")
-        )
-    )
+    return domains_of(parse_envelope(rcpt_tos))
+
+
+def domains_of(addrs: Iterable[Address]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(a.domain for a in addrs if a.domain and a.domain[0] != "["))
 
 
 class HistoryCache:
@@ -56,12 +57,13 @@ class HistoryCache:
     look-alike set at that flush, not at the next periodic refresh.
     """
 
-    def __init__(self, history: DomainHistory, *, ttl: float = 60.0, flush_every: float = 0.25):
+    def __init__(self, history: DomainHistory, *, ttl: float = 60.0, flush_every: float = 1.0):
         self.history = history
         self.ttl = ttl
         self.flush_every = flush_every
         self._counts: dict[str, tuple[int, float]] = {}  # the store's count, when read
         self._unflushed: Counter[str] = Counter()  # learned, not yet in the store
+        self._expanded: dict[str, tuple[str, ...]] = {}  # domain → itself + registrable
         self._pending: list[tuple[set[str], datetime]] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -92,7 +94,14 @@ class HistoryCache:
 
     def learn(self, domains: Iterable[str]) -> None:
         """One delivery to these domains: visible to the next message at once."""
-        expanded = set(DomainHistory.expand(domains))
+        expanded: set[str] = set()
+        for d in domains:
+            e = self._expanded.get(d)
+            if e is None:
+                if len(self._expanded) > 50_000:
+                    self._expanded.clear()
+                e = self._expanded[d] = tuple(DomainHistory.expand((d,)))
+            expanded.update(e)
         if not expanded:
             return
         self._pending.append((expanded, datetime.now(UTC)))

@@ -351,6 +351,8 @@ class Metrics:
         self._by_code = {v: self.findings.labels(v) for v in FINDING_CODES}
         self._by_outcome = {v: self.relay.labels(v) for v in RELAY_OUTCOMES}
         self._by_class = {v: self.smtp_replies.labels(v) for v in REPLY_CLASSES}
+        self._conn_ok = self.smtp_connections.labels("accepted")  # once per client connection
+        self._conn_refused = self.smtp_connections.labels("refused")
         self._by_stage = {v: self.stage_seconds.labels(v) for v in STAGES}
 
     # ------------------------------------------------------------------ recording helpers
@@ -448,7 +450,7 @@ class Metrics:
         self.config_reloads.labels("ok" if ok else "failed").inc()
 
     def smtp_connection(self, accepted: bool) -> None:
-        self.smtp_connections.labels("accepted" if accepted else "refused").inc()
+        (self._conn_ok if accepted else self._conn_refused).inc()
 
     # ------------------------------------------------------------------ exposition
 

@@ -27,7 +27,7 @@ from mailguard.checks.finding import Finding
 from mailguard.checks.recipients import party
 from mailguard.envelope import TEMPFAIL, Envelope, Reply
 from mailguard.errors import StoreError
-from mailguard.lookups import Lookups, delivery_domains
+from mailguard.lookups import Lookups, delivery_domains, domains_of
 from mailguard.message import MessageView
 from mailguard.message.addresses import address_key, parse_envelope
 from mailguard.message.types import Address, Part
@@ -264,7 +264,8 @@ class Pipeline:
         decision, view, reply = t.decision, t.view, t.reply
         action = decision.action if decision is not None else "error"
         if t.relayed and reply.ok:
-            self.lookups.learn(delivery_domains(t.env.rcpt_tos))
+            rcpts = view.rcpts if view is not None else parse_envelope(t.env.rcpt_tos)
+            self.lookups.learn(domains_of(rcpts))
         findings: tuple[Finding, ...] = t.analysis.findings if t.analysis is not None else ()
         codes = [f.code for f in findings]
         m = self.metrics
@@ -338,7 +339,7 @@ def summarize(a: Analysis) -> Summary:
     for addr in (*view.to, *view.cc, *view.bcc):
         named.setdefault(address_key(addr), addr)
     env = a.envelope
-    actual = parse_envelope(env.rcpt_tos) if env.rcpt_tos else list(named.values())
+    actual = list(view.rcpts) if env.rcpt_tos else list(named.values())
     internal: list[Recipient] = []
     external: list[Recipient] = []
     seen: set[str] = set()
@@ -373,7 +374,7 @@ def summarize(a: Analysis) -> Summary:
         ),
         findings=tuple(Reason(f.code, f.reason_en, f.reason_ja) for f in decision.findings),
         rules=decision.rules,
-        domains=delivery_domains(env.rcpt_tos),
+        domains=domains_of(view.rcpts),
     )
 
 

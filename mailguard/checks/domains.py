@@ -32,7 +32,6 @@ from rapidfuzz.distance import OSA
 
 from mailguard.checks.context import CheckContext, DnsStatus, HistorySnapshot, Org
 from mailguard.checks.finding import Finding
-from mailguard.message.addresses import parse_envelope
 from mailguard.message.types import Address
 
 if TYPE_CHECKING:
@@ -354,7 +353,7 @@ def recipient_addresses(view: MessageView) -> list[Address]:
     """Every recipient the message names: envelope first, then To, Cc, Bcc headers."""
     out: list[Address] = []
     if view.envelope is not None:
-        out.extend(parse_envelope(view.envelope.rcpt_tos))
+        out.extend(view.rcpts)
     out.extend(view.to)
     out.extend(view.cc)
     out.extend(view.bcc)

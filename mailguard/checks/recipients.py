@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from mailguard.checks.context import CheckContext, Org
 from mailguard.checks.domains import is_freemail, registrable
 from mailguard.checks.finding import Finding
-from mailguard.message.addresses import address_key, parse_envelope
+from mailguard.message.addresses import address_key
 from mailguard.message.types import Address
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ def analyze(view: MessageView, ctx: CheckContext) -> RecipientReport:
     org = ctx.org
     rep = RecipientReport(to=list(view.to), cc=list(view.cc), bcc=list(view.bcc))
     if view.envelope is not None:
-        rep.envelope = parse_envelope(view.envelope.rcpt_tos)
+        rep.envelope = list(view.rcpts)
 
     visible = _unique([*rep.to, *rep.cc])
     rep.visible_external = [a for a in visible if _external(a, org)]

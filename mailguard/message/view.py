@@ -181,6 +181,18 @@ class MessageView:
         return self._addresses("bcc")
 
     @property
+    def rcpts(self) -> tuple[Address, ...]:
+        """The envelope recipients (RCPT TO) as addresses; () without an envelope."""
+        got = self._addr.get("envelope")
+        if got is None:
+            from mailguard.message.addresses import parse_envelope
+
+            env = self.envelope
+            got = tuple(parse_envelope(env.rcpt_tos)) if env is not None else ()
+            self._addr["envelope"] = got
+        return got
+
+    @property
     def visible(self) -> tuple[Address, ...]:
         """What every recipient sees: To + Cc."""
         return self.to + self.cc
