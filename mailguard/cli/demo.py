@@ -187,6 +187,15 @@ async def _demo(args: argparse.Namespace) -> int:
                     f"GET on the link (as a link scanner would): HTTP {r.status}, "
                     f"still held: {held}",
                 )
+                ext = page.partition('id="external"')[2].partition("</div>")[0]
+                orgs = re.findall(r'<h3 class="org">([^<]+)', ext)
+                shown = [a for a in rcpts if a in ext]
+                say(
+                    f"確認ページの社外の宛先: {', '.join(shown)} (組織: {', '.join(orgs)})",
+                    f"The page lists the external recipients {', '.join(shown)} "
+                    f"by organisation ({', '.join(orgs)})",
+                )
+                assert shown == rcpts, "the confirm page must list every external recipient"
                 await asyncio.sleep(cfg.web.min_dwell + 1)  # a person reads before clicking
                 form = dict(re.findall(r'name="(csrf_send|lang)" value="([^"]*)"', page))
                 form["action"] = "send"
