@@ -95,9 +95,12 @@ PASS_ALL = Policy(org=Org(internal=("example.co.jp",)), rules=(), source="<tests
 
 
 def guard_config(up_port: int, **smtp: Any) -> Config:
+    import atexit
     import tempfile
 
-    store = Path(tempfile.mkdtemp(prefix="mg-test-")) / "mailguard.db"
+    tmp = tempfile.mkdtemp(prefix="mg-test-")
+    atexit.register(shutil.rmtree, tmp, True)
+    store = Path(tmp) / "mailguard.db"
     return Config(
         smtp=replace(SmtpConfig(listen=("127.0.0.1", 0), hostname="guard.test"), **smtp),
         upstream=UpstreamConfig(
