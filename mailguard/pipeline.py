@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
@@ -290,7 +291,7 @@ class Pipeline:
         log.info(
             "%s",
             message_log_line(
-                queue_id=t.env.queue_id,
+                queue_id=correlation_id(t.env.queue_id, reply),
                 mg_id=t.id,
                 message_id=(view.message_id or "") if view else "",
                 decision=action,
@@ -310,6 +311,19 @@ class Pipeline:
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+_QUEUED_AS = re.compile(r"\bqueued as ([A-Za-z0-9]{4,64})\b")
+
+
+def correlation_id(queue_id: str, reply: Reply) -> str:
+    """The id that ties Postfix's log to ours: the client's XFORWARD IDENT, or — before-queue,
+    where Postfix has no queue id yet and sends IDENT=[UNAVAILABLE] — the upstream's
+    "queued as …" from its answer to our DATA."""
+    if queue_id not in ("-", "[UNAVAILABLE]"):
+        return queue_id
+    m = _QUEUED_AS.search(reply.text) if reply.ok else None
+    return m[1] if m else queue_id
 
 
 def _rewrite(raw: bytes, view: MessageView, decision: Decision) -> Rewritten:

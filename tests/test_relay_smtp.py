@@ -328,6 +328,26 @@ async def test_xforward_is_accepted_logged_and_forwarded(
 
 
 @pytest.mark.asyncio
+async def test_before_queue_log_line_carries_the_upstreams_queue_id(
+    guard_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before-queue, Postfix sends XFORWARD IDENT=[UNAVAILABLE]: the log line takes the id from
+    the upstream's "queued as …" instead, so one id ties Postfix's log and ours."""
+    s = Sink(reply="250 2.0.0 Ok: queued as 4dK9xQ2hZ7z")
+    server = await serve_sink(s, xforward=True)
+    guard = await guard_factory(guard_config(port_of(server)))
+    caplog.set_level(logging.INFO, logger="mailguard.pipeline")
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=guard.port)
+    async with client:
+        r = await client.execute_command(b"XFORWARD", b"IDENT=[UNAVAILABLE]", b"PROTO=ESMTP")
+        assert r.code == 250
+        await client.sendmail("a@example.co.jp", ["b@partner.co.jp"], msg())
+    lines = [r.getMessage() for r in caplog.records if r.name == "mailguard.pipeline"]
+    assert lines[0].startswith("4dK9xQ2hZ7z: id="), lines
+    server.close()
+
+
+@pytest.mark.asyncio
 async def test_pool_survives_upstream_closing_idle_connections(guard_factory: Any) -> None:
     s = Sink()
     server = await serve_sink(s, idle=0.3)  # the upstream drops connections idle for 0.3 s
