@@ -30,7 +30,7 @@ from mailguard.errors import ConfigError
 from mailguard.history import DomainHistory
 from mailguard.lookups import HistoryCache, Lookups
 from mailguard.pipeline import Content, Pipeline, Settings
-from mailguard.policy import Policy, builtin_policy, load_policy
+from mailguard.policy import Policy, builtin_policy, load_policy, warn_uninspected
 from mailguard.queue import HoldService, SqliteStore
 from mailguard.relay.smtp import SmtpTransport
 from mailguard.server import Server
@@ -167,6 +167,7 @@ class Service:
             settings=settings_for(cfg),
         )
         _warm_up(self.policy)
+        warn_uninspected(self.policy)  # uninspected mail the policy lets out: say so
         self.front = Server(
             cfg,
             self.pipeline.handle,

@@ -27,6 +27,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,6 +115,10 @@ class PostfixInstance:
     sink: int
     dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="mg-postfix.")))
     started: bool = False
+    # which set-up: the after-queue snippets (default), or deploy/postfix/before-queue or
+    # gateway with their own port adapter; submission 0 = the set-up has no submission entry
+    snippets: Path = SNIPPETS
+    adapt: Callable[..., str] = adapt_master_snippet
 
     @property
     def config(self) -> Path:
@@ -191,26 +196,28 @@ append_dot_mydomain = no
 
 """
         (self.config / "main.cf").write_text(
-            main + (SNIPPETS / "main.cf.snippet").read_text(encoding="utf-8"), encoding="utf-8"
+            main + (self.snippets / "main.cf.snippet").read_text(encoding="utf-8"),
+            encoding="utf-8",
         )
-        master = adapt_master_snippet(
-            (SNIPPETS / "master.cf.snippet").read_text(encoding="utf-8"),
+        master = self.adapt(
+            (self.snippets / "master.cf.snippet").read_text(encoding="utf-8"),
             submission=self.submission,
             filter_port=self.filter_port,
             reinject=self.reinject,
         )
         (self.config / "master.cf").write_text(BASE_MASTER_CF + "\n" + master, encoding="utf-8")
         svc = f"127.0.0.1:{self.submission}/inet"
-        self._ok(
-            "postconf",
-            "-c",
-            str(self.config),
-            "-P",
-            f"{svc}/smtpd_tls_security_level=none",
-            f"{svc}/smtpd_sasl_auth_enable=no",
-            f"{svc}/smtpd_client_restrictions=permit_mynetworks,reject",
-            f"{svc}/smtpd_relay_restrictions=permit_mynetworks,reject",
-        )
+        if self.submission:
+            self._ok(
+                "postconf",
+                "-c",
+                str(self.config),
+                "-P",
+                f"{svc}/smtpd_tls_security_level=none",
+                f"{svc}/smtpd_sasl_auth_enable=no",
+                f"{svc}/smtpd_client_restrictions=permit_mynetworks,reject",
+                f"{svc}/smtpd_relay_restrictions=permit_mynetworks,reject",
+            )
         self.maillog.touch(mode=0o644)
         warnings = self._ok("postfix", "-c", str(self.config), "check")
         if "unused parameter" in warnings or "unknown" in warnings:
@@ -219,7 +226,8 @@ append_dot_mydomain = no
     def start(self) -> None:
         self._ok("postfix", "-c", str(self.config), "start")
         self.started = True
-        wait_listening(self.submission, 20, what=f"Postfix submission :{self.submission}")
+        if self.submission:
+            wait_listening(self.submission, 20, what=f"Postfix submission :{self.submission}")
         wait_listening(self.reinject, 20, what=f"Postfix reinjection :{self.reinject}")
 
     def master_pid(self) -> int | None:

@@ -671,11 +671,11 @@ def test_empty_directory_and_garbage(tmp_path: Path, capsys: pytest.CaptureFixtu
     rc, out, _ = run(capsys, "--policy", DEFAULT, "--lang", "en", str(d))
     assert rc == 0
     assert out.startswith("Summary: 0 messages (skipped (not mail) 1)")
-    # a file named on the command line is analysed even if it is not mail-shaped: never a crash
-    rc, out, _ = run(capsys, "--policy", DEFAULT, "--json", str(d / "photo.jpg"))
-    assert rc == 0
-    (obj,) = jsonl(out)
-    assert obj["decision"]["action"] == "pass"
+    # a file named on the command line that is not mail is refused, never judged "pass"
+    # (issue 13; it used to be analysed as a header-less message and passed)
+    rc, out, err = run(capsys, "--policy", DEFAULT, "--json", str(d / "photo.jpg"))
+    assert rc == 2 and out == ""
+    assert f"not an e-mail message: {d / 'photo.jpg'}" in err
 
 
 def test_console_script_subprocess(tmp_path: Path) -> None:

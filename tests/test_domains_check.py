@@ -99,7 +99,6 @@ def test_lookalikes_are_flagged(domain: str, of: str, kind: str) -> None:
         "ntt.co.jp",
         "acme-industry.co.jp",  # 3 edits from a frequent domain
         "mail.partner.co.jp",  # subdomain of the trusted partner: same organisation
-        "examplestore.jp",
         "kyoto-u.ac.jp",
         "city.yokohama.lg.jp",
     ],
@@ -212,3 +211,22 @@ def test_registrable_and_skeleton_helpers() -> None:
     assert domains.skeleton("ѕоnу") == "sony"
     assert domains.is_freemail("x.auone-net.jp") and not domains.is_freemail("example.co.jp")
     assert len(domains.freemail_domains()) >= 60
+
+
+@pytest.mark.parametrize(
+    ("domain", "kind"),
+    [
+        # issue 13: a name that extends ours is a look-alike (formerly "examplestore.jp" was
+        # listed as unrelated; a suffixed protected name of 6+ letters now counts as extended)
+        ("examplestore.jp", "extended"),
+        ("my-example.co.jp", "extended"),
+        ("example-osaka.co.jp", "extended"),
+        ("example-co.jp", "extended"),
+        ("example.mail-secure.net", "subdomain"),
+        ("partner-co-jp.evil.com", "subdomain"),
+    ],
+)
+def test_names_that_extend_ours(domain: str, kind: str) -> None:
+    info = classify(domain)
+    assert info.cls == "lookalike" and info.lookalike is not None, info
+    assert info.lookalike.kind == kind, info

@@ -131,22 +131,35 @@ def test_first_line_continuation_and_empty_name_are_defects() -> None:
     assert v.defects.count("header.malformed") == 2 and v.subject == "s"
 
 
-def test_thousand_deep_multipart_hits_depth_limit_fast() -> None:
-    nest = "".join(
-        f'Content-Type: multipart/mixed; boundary="b{i}"\r\n\r\n--b{i}\r\n' for i in range(1000)
-    )
+def test_thousand_deep_multipart_is_parsed_in_full_and_deeper_hits_the_limit_fast() -> None:
+    """Issue 13: realistic depths are inspected in full (no recursion); past max_depth the
+    walk stops with a defect, fast."""
+
+    def nest(n: int) -> bytes:
+        return "".join(
+            f'Content-Type: multipart/mixed; boundary="b{i}"\r\n\r\n--b{i}\r\n' for i in range(n)
+        ).encode()
+
     t = time.perf_counter()
-    v = parse(nest.encode() + b"Content-Type: text/plain\r\n\r\nleaf\r\n")
+    v = parse(nest(1000) + b"Content-Type: text/plain\r\n\r\nleaf\r\n")
     assert time.perf_counter() - t < 2
+    assert not v.limited and max(p.depth for p in v.parts) == 1000
+    deep = Limits().max_depth + 100
+    t = time.perf_counter()
+    v = parse(nest(deep) + b"Content-Type: text/plain\r\n\r\nleaf\r\n")
+    assert time.perf_counter() - t < 5
     assert "mime.depth_limit" in v.defects and v.limited
-    assert max(p.depth for p in v.parts) == 32
+    assert max(p.depth for p in v.parts) == Limits().max_depth
 
 
 def test_thousand_deep_rfc822_nesting() -> None:
     raw = b"Content-Type: message/rfc822\r\n\r\n" * 1000 + b"Subject: core\r\n\r\nx"
     v = parse(raw)
+    assert not v.limited and len(v.parts) == 1001
+    deep = Limits().max_depth + 100
+    v = parse(b"Content-Type: message/rfc822\r\n\r\n" * deep + b"Subject: core\r\n\r\nx")
     assert v.limited and "mime.depth_limit" in v.defects
-    assert len(v.parts) == 33
+    assert len(v.parts) == Limits().max_depth + 1
 
 
 def test_ten_thousand_parts_hit_parts_limit() -> None:
@@ -155,7 +168,7 @@ def test_ten_thousand_parts_hit_parts_limit() -> None:
     t = time.perf_counter()
     v = parse(raw)
     assert time.perf_counter() - t < 5
-    assert len(v.parts) == 1000 and v.limited and "mime.parts_limit" in v.defects
+    assert len(v.parts) == Limits().max_parts and v.limited and "mime.parts_limit" in v.defects
     small = parse(raw, Limits(max_parts=10_001))
     assert len(small.parts) == 10_001 and not small.limited
 

@@ -21,6 +21,7 @@ Finding codes (stable: policy files name them; `count` is what thresholds compar
   attachment.encrypted         user files already encrypted               count = files
   attachment.unknown           encryption could not be determined         count = files
   attachment.limit             a bound was hit (zip bomb, depth, size)     count = files
+  attachment.inline            unencrypted files in a text body (uuencode) count = files
   message.malformed            defects in the MIME structure or headers    count = defects
   message.limit                MIME depth/part-count limit hit            count = 1
 """

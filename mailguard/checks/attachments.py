@@ -5,6 +5,11 @@ signatures are not. Files inside forwarded messages (message/rfc822, also base64
 and inside Outlook's winmail.dat (TNEF) count as attached files too. An S/MIME or PGP/MIME
 encrypted message counts as one encrypted item: its contents cannot be seen, and are protected.
 
+Files written into a text body (uuencode, yEnc, BinHex: `mailguard.formats.inline`) are user
+files too: listed with `inline` set, judged like the others, and counted in `attachment.inline`
+(unless encrypted) because the zip rewrite only encloses MIME parts. A MIME region the view could
+not enter (depth or part bound) is listed as an `uninspected` item: encryption unknown, limited.
+
 Every file goes through `mailguard.formats.sniff` (bytes, not names or declared types). The work per
 message is bounded: one decompression budget for all files, a cap on items and nesting.
 """
@@ -12,12 +17,14 @@ message is bounded: one decompression budget for all files, a cap on items and n
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from mailguard.checks.context import CheckContext
 from mailguard.checks.finding import Finding
 from mailguard.formats import DEFAULT_LIMITS, Budget, FileInfo, SniffLimits, sniff
+from mailguard.formats.inline import find_encoded, might_hold_encoded
 from mailguard.message.types import Part
 
 if TYPE_CHECKING:
@@ -29,7 +36,9 @@ log = logging.getLogger(__name__)
 
 ENCAPSULATED = frozenset({"message/rfc822", "message/global", "message/news"})
 MAX_ITEMS = 1000  # files reported per message; more = attachment.limit
-MAX_MESSAGE_DEPTH = 3  # forwarded message inside forwarded message ...
+# base64-encoded forwarded messages re-parsed inside each other (each level grows the message
+# by a third, so real chains stay short; 7bit/8bit forwards are one MIME tree, bounded by Limits)
+MAX_MESSAGE_DEPTH = 32
 SHOW = 5  # names spelled out in a reason; the rest are counted
 
 
@@ -44,10 +53,16 @@ class AttachmentItem:
     path: str = ""  # MIME section of the part that carried it ("2", "3.1")
     container: str = ""  # "winmail.dat" or the forwarded message it was found in
     encrypted_mail: bool = False  # the S/MIME / PGP/MIME payload of an encrypted message
+    inline: str = ""  # "uuencode", "yenc", "binhex": written into the text body at `path`
+    uninspected: bool = False  # a MIME region past the depth/part bound (contents unseen)
 
     @property
     def label(self) -> str:
-        return self.filename or ("(encrypted message)" if self.encrypted_mail else "(no name)")
+        if self.filename:
+            return self.filename
+        if self.uninspected:
+            return "(part not inspected)"
+        return "(encrypted message)" if self.encrypted_mail else "(no name)"
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -64,6 +79,10 @@ class AttachmentItem:
             out["container"] = self.container
         if self.encrypted_mail:
             out["encrypted_mail"] = True
+        if self.inline:
+            out["inline"] = self.inline
+        if self.uninspected:
+            out["uninspected"] = True
         if self.info.limited:
             out["limited"] = True
         return out
@@ -97,32 +116,49 @@ class _Walk:
         return sniff(data, name, budget=self.budget)
 
 
-def _containers(view: MessageView) -> dict[str, Part]:
-    return {p.path: p for p in view.parts if p.content_type in ENCAPSULATED}
+LIMIT_DEFECTS = ("mime.depth_limit", "mime.parts_limit")
+_TEXT_BODIES = frozenset({"text/plain", "text/x-uuencode", "text/x-yenc"})
 
 
-def _container_of(part: Part, enc: dict[str, Part], outer: str) -> str:
-    """Name of the nearest forwarded message around `part`, or the outer container's."""
-    path = part.path
-    while "." in path:
-        path = path.rsplit(".", 1)[0]
-        msg = enc.get(path)
-        if msg is not None:
-            return msg.filename or "forwarded message"
-    return outer
+def _container_names(view: MessageView, outer: str) -> dict[int, str]:
+    """id(part) → name of the nearest forwarded message around it (or `outer`). One walk,
+    no recursion: a chain of 1000 forwards costs O(parts), not O(parts × depth)."""
+    out: dict[int, str] = {}
+    stack: list[tuple[Part, str]] = [(view.root, outer)]
+    while stack:
+        part, name = stack.pop()
+        out[id(part)] = name
+        if part.children:
+            inner = (
+                part.filename or "forwarded message" if part.content_type in ENCAPSULATED else name
+            )
+            stack.extend((c, inner) for c in part.children)
+    return out
 
 
-def _walk_view(view: MessageView, w: _Walk, depth: int, outer: str) -> None:
-    enc = _containers(view)
-    for part in view.parts:
-        if w.truncated:
-            return
-        if part.role == "encrypted":
-            _encrypted_part(view, part, w, outer)
+def _walk_all(view: MessageView, w: _Walk) -> None:
+    """Every part of the message and of the forwarded messages inside it, in tree order.
+
+    Iterative: a forwarded message that has to be re-parsed (base64 message/rfc822) pushes its
+    parts on a stack instead of recursing, so the item order is that of the tree."""
+    frames: list[tuple[Iterator[Part], MessageView, int, str, dict[int, str]]] = [
+        (iter(view.parts), view, 0, "", _container_names(view, ""))
+    ]
+    while frames and not w.truncated:
+        it, v, depth, outer, names = frames[-1]
+        part = next(it, None)
+        if part is None:
+            frames.pop()
+            continue
+        container = names.get(id(part), outer)
+        limit = next((d for d in LIMIT_DEFECTS if d in part.defects), None)
+        if limit is not None:
+            _uninspected(v, part, w, limit, container)
+        elif part.role == "encrypted":
+            _encrypted_part(v, part, w, outer)
         elif part.role == "container" and part.content_type in ENCAPSULATED:
             if part.disposition == "attachment" or part.filename:  # a forwarded .eml file
-                data = view.body_of(part)
-                container = _container_of(part, enc, outer)
+                data = v.body_of(part)
                 w.add(
                     AttachmentItem(
                         part.filename,
@@ -134,7 +170,67 @@ def _walk_view(view: MessageView, w: _Walk, depth: int, outer: str) -> None:
                     )
                 )
         elif part.role == "attachment":
-            _attachment(view, part, w, depth, _container_of(part, enc, outer))
+            inner = _attachment(v, part, w, depth, container)
+            if inner is not None:
+                iv, name = inner
+                frames.append((iter(iv.parts), iv, depth + 1, name, _container_names(iv, name)))
+        elif part.role == "body" and part.content_type in _TEXT_BODIES:
+            _inline_files(v, part, w, container)
+
+
+def _uninspected(view: MessageView, part: Part, w: _Walk, limit: str, container: str) -> None:
+    """A region the MIME bound kept us out of: listed, unknown, limited — never "nothing"."""
+    what = (
+        f"MIME nesting deeper than {view.limits.max_depth} levels"
+        if limit == "mime.depth_limit"
+        else f"more than {view.limits.max_parts} MIME parts"
+    )
+    w.add(
+        AttachmentItem(
+            part.filename,
+            part.content_type,
+            part.encoded_size,
+            FileInfo(
+                "uninspected",
+                part.content_type,
+                None,
+                f"not inspected: {what}; it may hold files",
+                limited=True,
+            ),
+            part.path,
+            container,
+            uninspected=True,
+        )
+    )
+
+
+def _inline_files(view: MessageView, part: Part, w: _Walk, container: str) -> None:
+    """uuencode / yEnc / BinHex blocks written into a text body: files like any other."""
+    text = view.body_of(part)
+    if not might_hold_encoded(text):
+        return
+    for f in find_encoded(text):
+        info = w.sniff(f.data, f.name)
+        if not f.complete or f.limited:
+            info = FileInfo(
+                info.kind,
+                info.mime,
+                info.encrypted,
+                f"{info.detail} (the {f.encoding} block is incomplete or too large)",
+                info.members,
+                limited=True,
+            )
+        w.add(
+            AttachmentItem(
+                f.name,
+                f.content_type,
+                len(f.data),
+                info,
+                part.path,
+                container,
+                inline=f.encoding,
+            )
+        )
 
 
 def _encrypted_part(view: MessageView, part: Part, w: _Walk, outer: str) -> None:
@@ -158,7 +254,10 @@ def _encrypted_part(view: MessageView, part: Part, w: _Walk, outer: str) -> None
     )
 
 
-def _attachment(view: MessageView, part: Part, w: _Walk, depth: int, container: str) -> None:
+def _attachment(
+    view: MessageView, part: Part, w: _Walk, depth: int, container: str
+) -> tuple[MessageView, str] | None:
+    """Judge one attached file; a forwarded message to look into is returned, not walked."""
     data = view.body_of(part)
     info = w.sniff(data, part.filename)
     item = AttachmentItem(part.filename, part.content_type, len(data), info, part.path, container)
@@ -166,7 +265,7 @@ def _attachment(view: MessageView, part: Part, w: _Walk, depth: int, container: 
         if not info.members:  # rich-text wrapper only: the body, not a file
             if info.encrypted is None or info.limited:
                 w.add(item)
-            return
+            return None
         for m in info.members:
             w.add(
                 AttachmentItem(
@@ -178,7 +277,7 @@ def _attachment(view: MessageView, part: Part, w: _Walk, depth: int, container: 
                     part.filename or "winmail.dat",
                 )
             )
-        return
+        return None
     if part.content_type in ENCAPSULATED or info.kind == "message":
         if depth >= MAX_MESSAGE_DEPTH:
             w.add(
@@ -197,16 +296,15 @@ def _attachment(view: MessageView, part: Part, w: _Walk, depth: int, container: 
                     container,
                 )
             )
-            return
+            return None
         from mailguard.message import MessageView
 
         # The attached message is a readable file itself; its own attachments are looked into.
         w.add(item)
-        inner = MessageView.parse(data)
         name = part.filename or "forwarded message"
-        _walk_view(inner, w, depth + 1, f"{container}/{name}" if container else name)
-        return
+        return MessageView.parse(data), f"{container}/{name}" if container else name
     w.add(item)
+    return None
 
 
 def _names(items: list[AttachmentItem]) -> str:
@@ -245,7 +343,7 @@ def analyze(
     """Findings about the message's attached files. Pure; never raises."""
     w = _Walk(limits)
     try:
-        _walk_view(view, w, 0, "")
+        _walk_all(view, w)
     except Exception as e:  # keep what we have; the limit finding tells the policy
         log.warning("attachments: analysis stopped: %s: %s", type(e).__name__, e)
         w.truncated = True
@@ -289,6 +387,18 @@ def analyze(
                 unknown,
                 "could not tell whether {n} attached file{s} {is_} encrypted",
                 "暗号化されているか判定できない添付ファイルが{n}件あります",
+            )
+        )
+    inline = [i for i in items if i.inline and i.info.encrypted is not True]
+    if inline:
+        f.append(
+            _finding(
+                "attachment.inline",
+                inline,
+                "{n} file{s} written into the text of the message (uuencode, yEnc or BinHex) "
+                "{is_} not encrypted, and the zip rewrite cannot enclose them",
+                "本文中に埋め込まれた (uuencode・yEnc・BinHex) 暗号化されていない"
+                "ファイルが{n}件あります。パスワード付き ZIP 化の対象にできません",
             )
         )
     if limited or w.truncated:

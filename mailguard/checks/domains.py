@@ -8,7 +8,9 @@ Pure: history counts and DNS verdicts arrive in the CheckContext. Classes, most 
                domain)
   lookalike    resembles an internal, trusted, frequently used or big free-mail domain
                (swapped public suffix, homoglyph/confusable skeleton, small edit distance on the
-               registrable label, or the protected name used as a subdomain of another one)
+               registrable label, the protected name used as a subdomain or a label of another
+               one, or extended: my-NAME, NAME-osaka, NAME-co.jp, NAMEgroup — internal, trusted
+               and frequent names only, 4+ letters as whole hyphen tokens, 6+ letters anywhere)
   nonexistent  DNS says the domain cannot receive mail (NXDOMAIN, no MX/A/AAAA, or null MX)
   first_time   history is available and has never seen it
   unchecked    no history to tell
@@ -54,7 +56,7 @@ __all__ = [
 DomainClass = Literal[
     "internal", "trusted", "known", "first_time", "lookalike", "nonexistent", "unchecked"
 ]
-LookalikeKind = Literal["swapped_suffix", "homoglyph", "edit_distance", "subdomain"]
+LookalikeKind = Literal["swapped_suffix", "homoglyph", "edit_distance", "subdomain", "extended"]
 
 FREQUENT_MIN = 3  # history count from which a domain is protected against look-alikes
 
@@ -206,6 +208,14 @@ def _deletes(label: str, k: int) -> set[str]:
     return out
 
 
+_CONTAIN_MIN = 4  # a protected name extended by whole hyphen tokens: from 4 letters
+_COMPACT_MIN = 6  # a protected name anywhere inside another (no hyphens): from 6 letters
+
+
+def _tokens(label: str) -> tuple[str, ...]:
+    return tuple(t for t in label.replace("_", "-").split("-") if t)
+
+
 @dataclass(frozen=True, slots=True)
 class _Protected:
     domain: str  # registrable, A-label
@@ -236,6 +246,20 @@ class LookalikeIndex:
         for p in self.by_domain.values():
             self.by_label.setdefault(p.label, []).append(p)
             self.by_skeleton.setdefault(skeleton(p.label), []).append(p)
+        # Names that must not be extended (my-NAME, NAME-osaka, NAMEco.jp) or carried as a
+        # subdomain label elsewhere: ours, partners', frequent ones (not free-mail brands).
+        # By first hyphen token, and by compact skeleton (hyphens gone) for 6+ letters.
+        self.by_token: dict[str, list[tuple[tuple[str, ...], _Protected]]] = {}
+        self.by_compact: dict[str, list[_Protected]] = {}
+        for p in self.by_domain.values():
+            compact = skeleton(p.label)
+            if p.why == "freemail" or len(compact) < _CONTAIN_MIN:
+                continue
+            toks = _tokens(p.label)
+            self.by_token.setdefault(toks[0], []).append((toks, p))
+            if len(compact) >= _COMPACT_MIN:
+                self.by_compact.setdefault(compact, []).append(p)
+        self.compact_lengths = sorted({len(c) for c in self.by_compact})
         # Deletion neighbourhoods (SymSpell): two labels within edit distance 1 share a variant
         # with at most one character deleted, so a look-up costs O(len), not O(protected set).
         self.variants: dict[str, set[str]] = {}
@@ -255,6 +279,19 @@ class LookalikeIndex:
             for cand in (sub, registrable(sub)):
                 if cand in self.by_domain:
                     return Lookalike(cand, "subdomain", self.by_domain[cand].why)
+            # example.evil.com, example-co-jp.evil.com: the name as a label of another domain
+            for sl in sub.split("."):
+                u = _ulabel(sl)
+                for p in self.by_label.get(u, ()):
+                    if p.why != "freemail":
+                        return Lookalike(p.domain, "subdomain", p.why)
+                got = self._contains(u)
+                if got is not None:
+                    return Lookalike(got.domain, "subdomain", got.why)
+            # example.com split at its hyphen: exam.ple.co.jp, sakura.denki.co.jp
+            joined = skeleton("".join(_ulabel(x) for x in (*sub.split("."), alabel)))
+            for p in self.by_compact.get(joined, ()):
+                return Lookalike(p.domain, "subdomain", p.why)
         label = _ulabel(alabel)
         for p in self.by_label.get(label, ()):
             if p.suffix != suffix and _swap_protected(p):
@@ -262,6 +299,9 @@ class LookalikeIndex:
         for p in self.by_skeleton.get(skeleton(label), ()):
             if p.label != label and self._suffix_ok(p, suffix):
                 return Lookalike(p.domain, "homoglyph", p.why)
+        got = self._contains(label)
+        if got is not None:  # my-example, example-osaka, example-co (.jp), examplegroup
+            return Lookalike(got.domain, "extended", got.why)
         if len(label) < 3:
             return None
         near: set[str] = set()
@@ -278,6 +318,26 @@ class LookalikeIndex:
                     best, best_d = Lookalike(p.domain, "edit_distance", p.why), dist
                     break
         return best
+
+    def _contains(self, label: str) -> _Protected | None:
+        """A protected name inside `label` but not all of it: as a run of whole hyphen tokens
+        (4+ letters), or, for names of 6+ letters, anywhere in the compact skeleton."""
+        toks = _tokens(label)
+        for i, t in enumerate(toks):
+            for ptoks, p in self.by_token.get(t, ()):
+                if toks[i : i + len(ptoks)] == ptoks and len(ptoks) < len(toks):
+                    return p
+        if not self.compact_lengths:
+            return None
+        sk = skeleton(label)
+        for n in self.compact_lengths:
+            if n >= len(sk):
+                break
+            for i in range(len(sk) - n + 1):
+                hit = self.by_compact.get(sk[i : i + n])
+                if hit:
+                    return hit[0]
+        return None
 
     @staticmethod
     def _suffix_ok(p: _Protected, suffix: str) -> bool:

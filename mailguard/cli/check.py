@@ -116,6 +116,37 @@ def _looks_like_message(head: bytes) -> bool:
     return head.startswith(b"From ") or bool(_HEADER_LINE.match(head))
 
 
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1a\x1c-\x1f\x7f]")  # not TAB CR LF ESC
+_MAX_HEADER_LINES = 500
+
+
+def is_mail(data: bytes) -> bool:
+    """An RFC 5322 message (or an mbox): it starts with header fields — every line up to the
+    first blank one is a `Name: value` field or its continuation, with no control bytes.
+    An empty file, random bytes, an image or a document are not mail."""
+    if data.startswith(b"From "):
+        return True
+    if not data.strip():
+        return False
+    head = data[: 1 << 16]
+    lines = head.split(b"\n", _MAX_HEADER_LINES)
+    if len(lines) > 1 or len(head) < len(data):
+        lines = lines[:-1]  # the last piece may be cut (or the header cap reached)
+    fields = 0
+    for i, ln in enumerate(lines):
+        ln = ln.rstrip(b"\r")
+        if not ln:
+            break
+        if _CONTROL.search(ln):
+            return False
+        if ln[:1] in (b" ", b"\t") and i > 0:
+            continue
+        if not _HEADER_LINE.match(ln):
+            return False
+        fields += 1
+    return fields > 0
+
+
 def _is_maildir(d: Path) -> bool:
     return (d / "cur").is_dir() and (d / "new").is_dir()
 
@@ -126,7 +157,7 @@ def iter_messages(paths: Sequence[str], inputs: Inputs) -> Iterator[Item]:
         if path.is_dir():
             yield from _walk(path, inputs)
         else:
-            yield from _read_file(path, inputs, explicit=True)
+            yield from _read_file(path, inputs, explicit=True, named=True)
 
 
 def _walk(top: Path, inputs: Inputs) -> Iterator[Item]:
@@ -147,7 +178,11 @@ def _walk(top: Path, inputs: Inputs) -> Iterator[Item]:
             yield from _read_file(d / name, inputs, explicit=in_maildir)
 
 
-def _read_file(path: Path, inputs: Inputs, *, explicit: bool) -> Iterator[Item]:
+def _read_file(
+    path: Path, inputs: Inputs, *, explicit: bool, named: bool = False
+) -> Iterator[Item]:
+    """`explicit`: a message file by its place (a path given, a Maildir's cur/new); `named`:
+    given on the command line — a file there that is not mail is an error (exit 2), not a pass."""
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -155,6 +190,12 @@ def _read_file(path: Path, inputs: Inputs, *, explicit: bool) -> Iterator[Item]:
         return
     if not explicit and not _looks_like_message(data[:1000]):
         inputs.skipped.append(str(path))
+        return
+    if explicit and not is_mail(data):
+        if named:
+            inputs.errors.append(f"not an e-mail message: {path}")
+        else:
+            inputs.skipped.append(str(path))
         return
     if data.startswith(b"From "):
         yield from _split_mbox(str(path), data)

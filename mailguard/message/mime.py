@@ -4,8 +4,10 @@ Only header blocks are decoded; bodies stay where they are (offsets into `raw`, 
 mmap). Delimiter rules follow the stdlib feedparser so the tree agrees with `email`'s:
 a delimiter is a line `--boundary`, optionally `--`, optional blanks, end of line; the line break
 before it belongs to it; repeated delimiter lines make no empty parts; an inner multipart that is
-never closed ends at its parent's next delimiter. The walk is iterative (no recursion), so a
-1000-deep nest costs a `mime.depth_limit` defect, not a RecursionError.
+never closed ends at its parent's next delimiter. The walk is iterative (no recursion) and, from
+depth 8 on, finds delimiters in one index of the "--" lines, so a forward chain hundreds of
+levels deep is parsed in full in time linear in its size (bench/bench_depth.py); past
+`max_depth` / `max_parts` the parts not entered carry `mime.depth_limit` / `mime.parts_limit`.
 
 Part paths are IMAP-style section numbers ("1.2"); the message inside a message/rfc822 part is
 its single child "<path>.1" (so every path is unique).
@@ -13,6 +15,7 @@ its single child "<path>.1" (so every path is unique).
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass, field
 
@@ -49,6 +52,10 @@ _LIMIT_CODES = frozenset({"mime.depth_limit", "mime.parts_limit", "header.too_la
 # Failed delimiter candidates allowed per multipart ("\n--b" followed by more text): bounds the
 # Python-level work a hostile one-letter boundary can cause.
 _MAX_FALSE_DELIMITERS = 100_000
+# From this MIME depth on, delimiters are looked up in one index of the message's "--" lines
+# (built once) instead of searched for in each body: nesting stays linear in the message size.
+_INDEX_FROM_DEPTH = 8
+_MAX_DASH_LINES = 1_000_000  # more "--" lines than this: no index, search as usual
 
 
 @dataclass(slots=True)
@@ -72,7 +79,7 @@ class Scan:
 
 
 class _Scanner:
-    __slots__ = ("buf", "count", "defects", "lim", "limited", "stop")
+    __slots__ = ("_dash", "_dash_done", "buf", "count", "defects", "lim", "limited", "stop")
 
     def __init__(self, buf: Raw, lim: ScanLimits) -> None:
         self.buf = buf
@@ -81,6 +88,36 @@ class _Scanner:
         self.limited = False
         self.count = 0
         self.stop = False
+        self._dash: dict[bytes, list[int]] | None = None
+        self._dash_done = False
+
+    def dash_lines(self) -> dict[bytes, list[int]] | None:
+        """Lines starting with "--", by what follows (up to CR/LF, trailing blanks cut; a line
+        ending in "--" is filed under both forms): token -> line starts, ascending. Built once,
+        in one pass; None when the message has too many such lines to index."""
+        if self._dash_done:
+            return self._dash
+        self._dash_done = True
+        buf = self.buf
+        n = len(buf)
+        out: dict[bytes, list[int]] = {}
+        i = 0 if buf[:2] == b"--" else buf.find(b"\n--")
+        lines = 0
+        while i >= 0:
+            ls = i if i == 0 and buf[:2] == b"--" else i + 1
+            e = buf.find(b"\n", ls)
+            tok = bytes(buf[ls + 2 : n if e < 0 else e]).split(b"\r", 1)[0].rstrip(b" \t")
+            out.setdefault(tok, []).append(ls)
+            if tok.endswith(b"--"):
+                out.setdefault(tok[:-2], []).append(ls)
+            lines += 1
+            if lines > _MAX_DASH_LINES:
+                return None
+            if e < 0:
+                break
+            i = buf.find(b"\n--", e)
+        self._dash = out
+        return out
 
     def defect(self, part: Part, code: str) -> None:
         part.defects.append(code)
@@ -169,11 +206,23 @@ class _Scanner:
         found: list[tuple[int, int, bool]] = []
         false_hits = 0
         pos = start
-        if buf.find(delim, start, start + dlen) == start:
-            cand = start
-        else:
-            i = buf.find(nl_delim, start, end)
-            cand = i + 1 if i >= 0 else -1
+        # Deep inside a nest, every level's body holds all the levels below it: searching each
+        # body again would cost depth × size. There, the delimiter lines come from one index of
+        # the message's "--" lines instead (same candidates, same checks below).
+        idx = self.dash_lines() if part.depth >= _INDEX_FROM_DEPTH else None
+        hits = idx.get(delim[2:], []) if idx is not None else None
+        k = 0
+
+        def next_cand(after: int) -> int:
+            """The next line start > after where `delim` begins, or -1 (as buf.find would)."""
+            nonlocal k
+            if hits is None:
+                i = buf.find(nl_delim, after, end)
+                return i + 1 if i >= 0 else -1
+            k = bisect.bisect_right(hits, after, k)
+            return hits[k] if k < len(hits) and hits[k] + dlen <= end else -1
+
+        cand = start if buf.find(delim, start, start + dlen) == start else next_cand(start)
         while cand >= 0:
             m = _TAIL.match(buf, cand + dlen, end)
             if m is not None:
@@ -190,8 +239,7 @@ class _Scanner:
                 pos = cand + 1
             if pos >= end:
                 break
-            i = buf.find(nl_delim, pos, end)
-            cand = i + 1 if i >= 0 else -1
+            cand = next_cand(pos)
         if not found:
             self.defect(part, "mime.boundary_not_found")
             return []
@@ -272,6 +320,7 @@ def scan(buf: Raw, lim: ScanLimits) -> Scan:
         else:
             if s.count >= lim.max_parts:
                 s.defect(part, "mime.parts_limit")
+                s.stop = True
                 break
             inner, itext = s.new_part(
                 f"{part.path}.1" if part.path else "1",
@@ -293,6 +342,14 @@ def scan(buf: Raw, lim: ScanLimits) -> Scan:
             kids = [(inner, raw_end)]
         part.children = [k for k, _ in kids]
         stack.extend(reversed(kids))
+    # Containers left unexpanded when the part bound stopped the walk: each one says so, so
+    # the checks list it as a region they could not look into (never as nothing at all).
+    for part, _ in stack:
+        ct = part.content_type
+        if (ct.startswith("multipart/") or ct in _ENCAPSULATED) and "mime.parts_limit" not in (
+            part.defects
+        ):
+            s.defect(part, "mime.parts_limit")
     assign_roles(root)
     return Scan(root, fields, unixfrom, s.defects, s.limited, s.count)
 

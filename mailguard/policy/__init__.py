@@ -9,6 +9,7 @@ from mailguard.policy.builtin import builtin_policy
 from mailguard.policy.codes import KNOWN_CODES
 from mailguard.policy.decision import PASS, Decision, Gate
 from mailguard.policy.engine import Evaluation, Hit, decide, evaluate, normalize_sender
+from mailguard.policy.lint import PolicyWarning, uninspected_gaps, warn_uninspected
 from mailguard.policy.model import Condition, Defaults, Exemption, Policy, Rule
 from mailguard.policy.parse import format_duration, load_policy, parse_duration, parse_policy
 
@@ -23,6 +24,7 @@ __all__ = [
     "Gate",
     "Hit",
     "Policy",
+    "PolicyWarning",
     "Rule",
     "builtin_policy",
     "decide",
@@ -32,4 +34,6 @@ __all__ = [
     "normalize_sender",
     "parse_duration",
     "parse_policy",
+    "uninspected_gaps",
+    "warn_uninspected",
 ]

@@ -62,8 +62,15 @@ options = { method = "aes", password_to = "sender" }
 
 [[rule]]
 name = "attachment-unchecked"
-description = "暗号化の有無を判定できない添付ファイル、または上限を超えた添付は確認する"
-when = ["attachment.unknown and recipient.external", "attachment.limit"]
+description = "検査しきれなかった社外宛て (暗号化不明・上限超過・深い入れ子など) は確認する"
+# What the guard could not inspect (encryption unknown, a bound hit, MIME nested too deep) or
+# cannot zip (files written into the text body) is never treated as harmless.
+when = [
+    "attachment.unknown and recipient.external",
+    "attachment.limit",
+    "message.limit and recipient.external",
+    "attachment.inline and recipient.external",
+]
 action = "confirm"
 """
 

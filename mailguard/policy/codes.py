@@ -27,6 +27,7 @@ KNOWN_CODES: MappingProxyType[str, str] = MappingProxyType(
         "attachment.encrypted": "files",
         "attachment.unknown": "files",
         "attachment.limit": "files",
+        "attachment.inline": "files",
         "message.malformed": "defects",
         "message.limit": "1",
     }

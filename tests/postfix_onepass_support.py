@@ -1,0 +1,126 @@
+"""One-pass deployments against a private Postfix (tests/postfix_support.py): the before-queue
+snippets (deploy/postfix/before-queue) and the gateway snippets (deploy/postfix/gateway), each
+used as shipped with only their ports moved (each substitution must match exactly once, so a
+changed snippet fails the test instead of silently testing something else).
+
+Shared by tests/test_postfix_beforequeue.py and tests/test_postfix_gateway.py: the policy, the
+SMTP client that reads MailGuard's (or Postfix's) answer to the final ".", and the message with
+attachments for the bcc/zip rewrite.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import smtplib
+from email.message import EmailMessage
+
+from tests.postfix_support import SNIPPETS, _sub_once
+
+BEFORE_QUEUE = SNIPPETS / "before-queue"
+GATEWAY = SNIPPETS / "gateway"
+
+RCPT = "someone@partner.example"
+CLEAN_SENDER = "clean@example.co.jp"
+REJECT_SENDER = "refused@example.co.jp"
+HOLD_SENDER = "held@example.co.jp"
+REWRITE_SENDER = "rewrite@example.co.jp"
+REWRITE_RCPTS = ["tanaka@client-a.example", "suzuki@client-b.example"]
+REJECT_TEXT = "Test policy refuses mail from this sender"
+
+POLICY = f"""\
+[organization]
+internal_domains = ["example.co.jp"]
+
+[[rule]]
+name = "refuse-sender"
+when = "recipient.external"
+action = "reject"
+reject_message = "{REJECT_TEXT}"
+senders = ["{REJECT_SENDER}"]
+
+[[rule]]
+name = "hold-sender"
+when = "recipient.external"
+action = "hold"
+hold_for = "1h"
+senders = ["{HOLD_SENDER}"]
+
+[[rule]]
+name = "bcc-several-parties"
+when = "recipient.external_parties >= 2"
+action = "bcc"
+senders = ["{REWRITE_SENDER}"]
+
+[[rule]]
+name = "zip-attachments"
+when = "attachment.unencrypted"
+action = "zip"
+options = {{ method = "aes", password_to = "sender" }}
+senders = ["{REWRITE_SENDER}"]
+"""
+
+
+def adapt_before_queue(text: str, *, submission: int, filter_port: int, reinject: int) -> str:
+    """deploy/postfix/before-queue/master.cf.snippet with the test's ports."""
+    text = _sub_once(r"^submission(?= +inet )", f"127.0.0.1:{submission}", text, "submission")
+    text = _sub_once(
+        r"smtpd_proxy_filter=127\.0\.0\.1:10025\b",
+        f"smtpd_proxy_filter=127.0.0.1:{filter_port}",
+        text,
+        "smtpd_proxy_filter",
+    )
+    return _sub_once(
+        r"^127\.0\.0\.1:10026(?= +inet )", f"127.0.0.1:{reinject}", text, "reinjection smtpd"
+    )
+
+
+def adapt_gateway(text: str, *, submission: int, filter_port: int, reinject: int) -> str:
+    """deploy/postfix/gateway/master.cf.snippet with the test's port (it has no submission)."""
+    assert submission == 0
+    return _sub_once(
+        r"^127\.0\.0\.1:10026(?= +inet )", f"127.0.0.1:{reinject}", text, "listener for MailGuard"
+    )
+
+
+def send(port: int, sender: str, rcpts: list[str], raw: bytes) -> tuple[int, str]:
+    """One SMTP transaction; the answer to the final "." (code, text), whatever it is.
+    A refusal earlier in the transaction is returned the same way."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as s:
+        s.ehlo("client.mg-test.invalid")
+        code, text = s.mail(sender, ["BODY=8BITMIME"])
+        if code != 250:
+            return code, text.decode()
+        for r in rcpts:
+            code, text = s.rcpt(r)
+            if code not in (250, 251):
+                return code, text.decode()
+        try:
+            code, text = s.data(raw)
+        except smtplib.SMTPDataError as e:
+            return e.smtp_code, e.smtp_error.decode()
+        return code, text.decode()
+
+
+def rewrite_message(tag: str) -> tuple[str, bytes]:
+    """Two outside parties visible in To (→ bcc) and a plain CSV attachment (→ zip)."""
+    import uuid
+
+    mid = f"{tag}-{uuid.uuid4().hex}@example.co.jp"
+    m = EmailMessage()
+    m["From"] = f"山田 <{REWRITE_SENDER}>"
+    m["To"] = "田中様 <tanaka@client-a.example>, 鈴木様 <suzuki@client-b.example>"
+    m["Subject"] = "見積書の送付"
+    m["Message-ID"] = f"<{mid}>"
+    m.set_content("見積書をお送りします。\n")
+    m.add_attachment(
+        "品名,金額\n部品,100\n".encode("cp932"),
+        maintype="text",
+        subtype="csv",
+        filename="見積書.csv",
+    )
+    return mid, m.as_bytes(policy=email.policy.SMTP)
+
+
+def parsed(raw: bytes) -> EmailMessage:
+    return email.message_from_bytes(raw, policy=email.policy.default)  # type: ignore[return-value]
