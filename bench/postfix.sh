@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Throughput behind a real Postfix: Postfix alone vs Postfix + MailGuard (after-queue
-# content_filter), measured in the same run, interleaved round by round.
+# Throughput behind a real Postfix: Postfix alone vs Postfix + MailGuard after-queue
+# (content_filter), before-queue (smtpd_proxy_filter) and as a gateway in front of Postfix,
+# measured in the same run, interleaved round by round.
 #
 #   sudo bench/postfix.sh [--rounds 3] [--sizes "5120 1048576"] [--conc 20]
 #                         [--count-small 1000] [--count-large 200] [--warmup 20]
 #                         [--scan-maxproc 20] [--workers 1] [--set NAME=VALUE]...
-#                         [--policies "observe default"] [--settle 180]
+#                         [--policies "observe default"] [--onepass "bq0 bq gw"] [--settle 180]
 #
 # Private Postfix instances (../shared/bench/postfix-harness.sh, never the system one), all
 # final delivery to the smtp-sink that ../shared/bench/relay-bench.sh starts per cell:
@@ -15,6 +16,13 @@
 #   default:  same on :12528 / :10027 / :10028 with policies/default.toml, example.net (the
 #             recipient domain smtp-source uses) added to trusted_domains: otherwise it is a
 #             look-alike of example.co.jp and every message would wait for confirmation.
+#   bq0:      smtp-source -> Postfix :12529 (smtpd_proxy_filter) -> Postfix smtpd :10030 -> sink
+#             (before-queue with a zero-cost filter: the proxy talks straight to the reinjection
+#             smtpd; the ceiling of any before-queue filter)
+#   bq:       smtp-source -> Postfix :12530 (smtpd_proxy_filter) -> MailGuard :10031 (observe)
+#             -> Postfix smtpd :10032 -> sink (deploy/postfix/before-queue settings)
+#   gw:       smtp-source -> MailGuard :10033 (observe) -> Postfix smtpd :10034 -> sink
+#             (the gateway: MailGuard in front of the outbound Postfix)
 # Rates count messages until the sink has all of them (relay-bench --settle), one connection
 # per message, c20. Each round measures every path once per size; the ratio is taken within a
 # round (same machine load), and the table shows medians over the rounds.
@@ -27,7 +35,7 @@ shared=${MAILGUARD_SHARED_BENCH:-$repo/../shared/bench}
 harness=$shared/postfix-harness.sh
 bench=$shared/relay-bench.sh
 rounds=3 sizes="5120 1048576" conc=20 count_small=1000 count_large=200 warmup=20
-scan_maxproc=20 workers=1 policies="observe default" settle=180 sets=()
+scan_maxproc=20 workers=1 policies="observe default" onepass="bq0 bq gw" settle=180 sets=()
 sink_port=12526
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -41,8 +49,9 @@ while [ $# -gt 0 ]; do
     --workers) workers=$2; shift 2;;
     --set) sets+=(--set "$2"); shift 2;;
     --policies) policies=$2; shift 2;;
+    --onepass) onepass=$2; shift 2;;
     --settle) settle=$2; shift 2;;
-    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0;;
+    -h|--help) sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; exit 0;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2;;
   esac
 done
@@ -72,7 +81,7 @@ trap 'exit 143' TERM
 wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
 
 # --- Postfix alone --------------------------------------------------------------------------
-declare -A listen=([alone]=12525 [observe]=12527 [default]=12528)
+declare -A listen=([alone]=12525 [observe]=12527 [default]=12528 [bq0]=12529 [bq]=12530 [gw]=10033)
 declare -A filter=([observe]=10025 [default]=10027)
 declare -A mgpid=()
 "$harness" start --mode plain --listen "127.0.0.1:${listen[alone]}" --sink "127.0.0.1:$sink_port" \
@@ -106,6 +115,44 @@ for pol in $policies; do
   wait_port "$f" || { cat "$tmp/$pol.serve.log" >&2; exit 1; }
 done
 
+# --- one pass: before-queue (zero-cost and MailGuard) and gateway ------------------------------
+# Built from the harness's filter mode (its :reinject smtpd), then switched to the settings of
+# deploy/postfix/before-queue: no content_filter, smtpd_proxy_* on the submission smtpd (maxproc
+# 20), the reinjection smtpd doing the single cleanup pass (only no_unknown_recipient_checks).
+start_onepass() {  # $1 path, $2 submission, $3 proxy target port ("" = none), $4 reinject port
+  local d=$tmp/$1 conf
+  "$harness" start --mode filter --listen "127.0.0.1:$2" --filter "127.0.0.1:${3:-$2}" \
+    --reinject "127.0.0.1:$4" --sink "127.0.0.1:$sink_port" --smtpd-maxproc 20 \
+    --dir "$d" --no-install "${sets[@]}" >"$d.start" 2>&1 || { cat "$d.start" >&2; exit 1; }
+  dirs+=("$d")
+  conf=$d/etc
+  postconf -c "$conf" -e content_filter= \
+    && postconf -c "$conf" -P "127.0.0.1:$4/inet/receive_override_options=no_unknown_recipient_checks"
+  if [ -n "$3" ]; then
+    postconf -c "$conf" -P "127.0.0.1:$2/inet/smtpd_proxy_filter=127.0.0.1:$3" \
+      "127.0.0.1:$2/inet/smtpd_proxy_options=speed_adjust" "127.0.0.1:$2/inet/smtpd_proxy_timeout=300s"
+  fi
+  postfix -c "$conf" reload >/dev/null 2>&1
+  wait_port "$4" || { echo "postfix.sh: $1 reinjection :$4 not up" >&2; exit 1; }
+}
+start_mailguard() {  # $1 path, $2 listen port, $3 upstream port
+  printf '[smtp]\nhostname = "mailguard-bench.localhost"\n' >"$tmp/$1.mg.toml"
+  "$mailguard" serve -c "$tmp/$1.mg.toml" --listen "127.0.0.1:$2" --upstream "127.0.0.1:$3" \
+    --policy "$repo/bench/policies/observe.toml" --store "$tmp/$1.db" --no-web \
+    --workers "$workers" --log-level warning >"$tmp/$1.serve.log" 2>&1 &
+  mgpid[$1]=$!; pids+=("$!")
+  wait_port "$2" || { cat "$tmp/$1.serve.log" >&2; exit 1; }
+}
+for path in $onepass; do
+  case "$path" in
+    bq0) start_onepass bq0 12529 10030 10030 ;;
+    bq) start_onepass bq 12530 10031 10032; start_mailguard bq 10031 10032 ;;
+    gw) start_onepass gw 12531 "" 10034; start_mailguard gw 10033 10034 ;;
+    *) echo "postfix.sh: unknown --onepass path $path (bq0, bq, gw)" >&2; exit 2 ;;
+  esac
+done
+sleep 1  # reloaded masters settle
+
 # a field of the timed run's line (-r 1: one run; the median line repeats only the rate)
 field() { awk -v k="$1" '/ OK / && !/median/ { for (i=1;i<=NF;i++) if (index($i, k"=")==1) { sub(k"=","",$i); v=$i } } END { print v }'; }
 median() {  # $1 = printf format of the result
@@ -116,15 +163,16 @@ median() {  # $1 = printf format of the result
 for round in $(seq "$rounds"); do
   for size in $sizes; do
     count=$count_small; [ "$size" -ge 100000 ] && count=$count_large
-    for path in alone $policies; do
+    for path in alone $policies $onepass; do
       watch=()
-      if [ "$path" != alone ]; then
+      if [ -n "${mgpid[$path]:-}" ]; then
         watch=(-w "${mgpid[$path]}")
         for c in $(pgrep -P "${mgpid[$path]}" || true); do watch+=(-w "$c"); done
       fi
       out=$("$bench" --target "127.0.0.1:${listen[$path]}" -p "$sink_port" -l "$size" -m "$count" \
             -s "$conc" -r 1 -W "$warmup" -S "$settle" "${watch[@]}" --label "r$round $path " 2>&1) \
-        || { echo "$out" >&2; echo "postfix.sh: run failed (round $round, $path, $size)" >&2; exit 1; }
+        || { echo "$out" >&2; tail -n 5 "$tmp"/*.serve.log >&2 || true
+             echo "postfix.sh: run failed (round $round, $path, $size)" >&2; exit 1; }
       echo "$out" | grep -v median >&2
       rate=$(echo "$out" | field rate); cpu=$(echo "$out" | field watch)
       echo "$round $size $path $rate ${cpu:--}" >>"$tmp/results"
@@ -139,7 +187,7 @@ echo "Postfix $(postconf -d -h mail_version 2>/dev/null) alone vs + MailGuard (w
 printf "%-8s %-8s %9s %9s %7s %8s %10s   %s\n" size path "alone" "with_mg" ratio "mg_cpu%" \
   "mg_ms/msg" "ratios per round"
 for size in $sizes; do
-  for pol in $policies; do
+  for pol in $policies $onepass; do
     alone=$(awk -v s="$size" '$2==s && $3=="alone" {print $4}' "$tmp/results" | median)
     with=$(awk -v s="$size" -v p="$pol" '$2==s && $3==p {print $4}' "$tmp/results" | median)
     cpu=$(awk -v s="$size" -v p="$pol" '$2==s && $3==p && $5!="-" {print $5}' "$tmp/results" | median)
@@ -153,7 +201,19 @@ for size in $sizes; do
       "$(echo "$ratios" | tr '\n' ' ')"
   done
 done
-for pol in $policies; do
+# item 4 of issue 15: MailGuard before-queue against the zero-cost filter in the same place
+if [[ " $onepass " == *" bq0 "* && " $onepass " == *" bq "* ]]; then
+  echo
+  echo "before-queue: MailGuard / zero-cost filter (median of per-round ratios)"
+  for size in $sizes; do
+    ratios=$(awk -v s="$size" '$2==s && $3=="bq0" {a[$1]=$4} $2==s && $3=="bq" {m[$1]=$4}
+      END { for (r in m) if (a[r] > 0) printf "%.2f\n", m[r]/a[r] }' "$tmp/results" | sort -n)
+    printf "%-8s bq/bq0 %s   %s\n" "$size" "$(echo "$ratios" | median %.2f)" "$(echo "$ratios" | tr '\n' ' ')"
+  done
+fi
+echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
+for pol in $policies $onepass; do
+  [ -e "$tmp/$pol.serve.log" ] || continue
   if grep -q Traceback "$tmp/$pol.serve.log"; then
     echo "mailguard ($pol) logged tracebacks:" >&2; cat "$tmp/$pol.serve.log" >&2; exit 1
   fi

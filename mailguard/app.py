@@ -145,6 +145,7 @@ class Service:
         self.queue: HoldService | None = None
         self.scheduler: Scheduler | None = None
         self._web: web.AppRunner | None = None
+        self._metrics_web: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- start ---------------------------------------------------------------------------------
@@ -190,6 +191,7 @@ class Service:
 
         cfg = self.cfg
         assert self.store and self.queue and self.pipeline and self.upstream and self.front
+        warn_open_networks(cfg)
         notifier = Notifier(
             self.upstream,
             cfg.notify.sender,
@@ -226,9 +228,24 @@ class Service:
                 on_change=self.scheduler.wake,
                 min_dwell=cfg.web.min_dwell,
                 metrics=self.metrics,
+                metrics_access=cfg.web.metrics,
+                rate_limit=(cfg.web.miss_limit, cfg.web.miss_window),
+                global_miss_limit=cfg.web.miss_limit_global,
+                trusted_proxies=cfg.web.trusted_proxies,
+                client_ip_header=cfg.web.client_ip_header,
+                login_limit=(
+                    cfg.web.login_fail_limit,
+                    cfg.web.login_fail_limit_global,
+                    cfg.web.login_fail_window,
+                ),
             )
             self._web = await start_web(app, *cfg.web.listen)
             log.info("web pages and API on %s:%d (links: %s)", *cfg.web.listen, public_url(cfg))
+        if self.metrics is not None and cfg.metrics.listen is not None:
+            from mailguard.web import make_metrics_app, start_web
+
+            self._metrics_web = await start_web(make_metrics_app(self.metrics), *cfg.metrics.listen)
+            log.info("metrics on %s:%d/metrics", *cfg.metrics.listen)
 
     @property
     def port(self) -> int:
@@ -303,6 +320,8 @@ class Service:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._web is not None:
             await self._web.cleanup()
+        if self._metrics_web is not None:
+            await self._metrics_web.cleanup()
         if self.upstream is not None:
             await self.upstream.close()
         if self.store is not None:
@@ -331,6 +350,19 @@ class Service:
         await self.stop(grace)
         log.info("stopped")
         return 0
+
+
+def warn_open_networks(cfg: Config) -> None:
+    """A warning at start when smtp.allowed_networks lets every address in (0.0.0.0/0, ::/0)."""
+    import ipaddress
+
+    for net in cfg.smtp.allowed_networks:
+        if ipaddress.ip_network(net, strict=False).prefixlen == 0:
+            log.warning(
+                "smtp.allowed_networks contains %s: any host that reaches the SMTP port can "
+                "inject mail (open relay); list Postfix's address instead",
+                net,
+            )
 
 
 def settings_for(cfg: Config) -> Settings:

@@ -121,6 +121,24 @@ class WebConfig:
     secret: str = ""  # CSRF/HMAC key; "" = random per start (pages outlive no restart)
     # a POST sooner than this after its page was served is a scanner, not a person
     min_dwell: float = 1.5
+    # GET /metrics on this port: "open", "token" (admin Bearer token) or "off" ([metrics] listen)
+    metrics: str = "open"
+    # peers whose client_ip_header names the real client (a reverse proxy); [] = the TCP peer
+    trusted_proxies: tuple[str, ...] = ()
+    client_ip_header: str = "X-Forwarded-For"
+    # unknown tokens per client and from all clients together, per miss_window; over → 429
+    miss_limit: int = 20
+    miss_limit_global: int = 200
+    miss_window: float = 600.0
+    # failed admin-API logins per client and from all clients together, per login_fail_window
+    login_fail_limit: int = 10
+    login_fail_limit_global: int = 100
+    login_fail_window: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    listen: HostPort | None = None  # its own /metrics listener ("" = none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +171,7 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -165,6 +184,7 @@ Section = (
     | PolicyConfig
     | StoreConfig
     | WebConfig
+    | MetricsConfig
     | NotifyConfig
     | DnsConfig
     | LogConfig
@@ -175,6 +195,10 @@ def _hostport(value: object) -> HostPort:
     if not isinstance(value, str):
         raise ValueError(f"expected HOST:PORT, got {value!r}")
     return parse_hostport(value)
+
+
+def _opt_hostport(value: object) -> HostPort | None:
+    return None if value == "" else _hostport(value)
 
 
 def _size(value: object) -> int:
@@ -205,6 +229,9 @@ _CONVERT: dict[tuple[str, str], Callable[[object], object]] = {
     ("upstream", "idle_timeout"): _duration,
     ("dns", "timeout"): _duration,
     ("web", "min_dwell"): _duration,
+    ("web", "miss_window"): _duration,
+    ("web", "login_fail_window"): _duration,
+    ("metrics", "listen"): _opt_hostport,
     ("store", "path"): _path,
 }
 # The [section] tables and the class each one builds.
@@ -214,6 +241,7 @@ _SECTIONS: dict[str, type[Section]] = {
     "policy": PolicyConfig,
     "store": StoreConfig,
     "web": WebConfig,
+    "metrics": MetricsConfig,
     "notify": NotifyConfig,
     "dns": DnsConfig,
     "log": LogConfig,
@@ -221,6 +249,7 @@ _SECTIONS: dict[str, type[Section]] = {
 assert set(_SECTIONS) == {f.name for f in fields(Config) if f.name != "source"}
 _CHOICES = {
     ("notify", "charset"): ("utf-8", "iso-2022-jp"),
+    ("web", "metrics"): ("open", "token", "off"),
     ("notify", "lang"): ("ja", "en", "ja+en"),
     ("log", "level"): ("debug", "info", "warning", "error"),
 }
@@ -286,6 +315,7 @@ def from_dict(data: Mapping[str, object], *, source: str = "", text: str = "") -
         policy=_pick(sections, "policy", PolicyConfig),
         store=_pick(sections, "store", StoreConfig),
         web=_pick(sections, "web", WebConfig),
+        metrics=_pick(sections, "metrics", MetricsConfig),
         notify=_pick(sections, "notify", NotifyConfig),
         dns=_pick(sections, "dns", DnsConfig),
         log=_pick(sections, "log", LogConfig),
@@ -329,7 +359,47 @@ def _pick(sections: Mapping[str, Section], name: str, cls: type[_S]) -> _S:
     return got
 
 
+ADMIN_TOKEN_MIN = 32
+
+
+def _validate_web(cfg: Config, source: str, text: str) -> None:
+    w = cfg.web
+    if w.admin_token and len(w.admin_token) < ADMIN_TOKEN_MIN:
+        raise ConfigError(
+            f"too short ({len(w.admin_token)} characters, at least {ADMIN_TOKEN_MIN}: "
+            "use e.g. `python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`)",
+            file=source,
+            line=key_line(text, "web", "admin_token"),
+            key="web.admin_token",
+        )
+    for net in w.trusted_proxies:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"not an IP network: {net!r}",
+                file=source,
+                line=key_line(text, "web", "trusted_proxies"),
+                key="web.trusted_proxies",
+            ) from None
+    if not re.fullmatch(r"[A-Za-z0-9-]+", w.client_ip_header):
+        raise ConfigError(
+            f"not a header name: {w.client_ip_header!r}",
+            file=source,
+            line=key_line(text, "web", "client_ip_header"),
+            key="web.client_ip_header",
+        )
+    if w.metrics == "token" and not w.admin_token:
+        raise ConfigError(
+            '"token" needs web.admin_token',
+            file=source,
+            line=key_line(text, "web", "metrics"),
+            key="web.metrics",
+        )
+
+
 def _validate(cfg: Config, source: str, text: str) -> None:
+    _validate_web(cfg, source, text)
     for net in cfg.smtp.allowed_networks:
         try:
             ipaddress.ip_network(net, strict=False)

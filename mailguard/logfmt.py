@@ -7,7 +7,11 @@ The per-message line leads with Postfix's queue id, as Postfix's own lines do, s
       transforms=- size=5120 nrcpt=3 reply=250 elapsed_ms=4.2
 
 (one line). Addresses (from=, to=) appear only with `log_addresses=True` (config
-`log.log_addresses`); finding evidence, tokens and passwords never do. With `json=True` the
+`log.log_addresses`); finding evidence, tokens and passwords never do. Every record that reaches
+the handler `setup_logging` installs passes `TokenRedactingFilter` first: a confirm-link token
+(`/m/<token>`) anywhere in a message, its arguments or an exception text — aiohttp's error log
+quotes a bad request line — is written as `/m/…`. `install_redaction()` puts the same filter on
+aiohttp's own loggers (for handlers other than ours). With `json=True` the
 same fields come as one JSON object; `setup_logging(json=True)` then merges that object into the
 JSON log record instead of quoting it as a string.
 """
@@ -41,6 +45,55 @@ def _text_value(value: str) -> str:
     if _NEEDS_QUOTES.search(v):
         return '"' + v.replace('"', '\\"') + '"'
     return v
+
+
+# A confirm-page path and its token: /m/<token>, also percent-encoded (%2Fm%2F<token>).
+_TOKEN_PATH = re.compile(r"((?:/|%2[fF])m(?:/|%2[fF]))[A-Za-z0-9_\-%]{6,}")
+AIOHTTP_LOGGERS: Final = (
+    "aiohttp.access",
+    "aiohttp.client",
+    "aiohttp.internal",
+    "aiohttp.server",
+    "aiohttp.web",
+    "aiohttp.websocket",
+)
+
+
+def redact_tokens(text: str) -> str:
+    """`text` with every /m/<token> written as /m/…"""
+    return _TOKEN_PATH.sub(lambda m: f"{m[1]}…", text) if "m" in text else text
+
+
+class TokenRedactingFilter(logging.Filter):
+    """Rewrites a record so that no confirm-link token survives in it: the formatted message
+    (its arguments merged in), the exception text and the stack text. Never drops a record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = record.getMessage()
+        except Exception:  # a broken %-format: let the handler report it, token-free
+            msg = f"{record.msg!r} % {record.args!r}"
+        red = redact_tokens(msg)
+        if red != msg or record.args:
+            record.msg, record.args = red, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact_tokens(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact_tokens(record.stack_info)
+        return True
+
+
+_REDACTOR: Final = TokenRedactingFilter()
+
+
+def install_redaction() -> None:
+    """Put the token filter on aiohttp's loggers (idempotent)."""
+    for name in AIOHTTP_LOGGERS:
+        lg = logging.getLogger(name)
+        if _REDACTOR not in lg.filters:
+            lg.addFilter(_REDACTOR)
 
 
 def _joined(items: Iterable[str]) -> str:
@@ -175,8 +228,12 @@ class JsonFormatter(logging.Formatter):
                 merged = True
         if not merged:
             out["message"] = msg  # json.dumps escapes CR/LF: nothing breaks out
-        if record.exc_info:
+        if record.exc_text:  # set (and redacted) by TokenRedactingFilter
+            out["exception"] = record.exc_text
+        elif record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            out["stack"] = record.stack_info
         return _json.dumps(out, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -199,7 +256,9 @@ def setup_logging(
             h.close()
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     setattr(handler, _HANDLER_MARK, True)
+    handler.addFilter(_REDACTOR)
     handler.setFormatter(JsonFormatter() if json else logging.Formatter(TEXT_FORMAT))
     root.addHandler(handler)
     root.setLevel(lvl)
+    install_redaction()
     return handler

@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 INTERNAL = "ourco.co.jp"
 SENDER = "yamada@ourco.co.jp"
 NOTIFY_FROM = "mailguard@ourco.co.jp"
+ADMIN_TOKEN = "e2e-admin-token-0123456789abcdefghijklmnop"  # web.admin_token: >= 32 characters
 MAX_WAIT = 10.0
 
 
@@ -467,7 +468,7 @@ class Guard:
                 "listen": f"127.0.0.1:{self.web_port}",
                 "public_url": f"http://127.0.0.1:{self.web_port}",
                 "secret": "e2e-secret-" + "x" * 32,
-                "admin_token": "e2e-admin-token",
+                "admin_token": ADMIN_TOKEN,
                 "min_dwell": "0.2s",
             },
             "notify": {"sender": NOTIFY_FROM, "charset": "utf-8"},
@@ -644,6 +645,29 @@ class Guard:
                 return r.status, r.read().decode("utf-8", "replace")
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode("utf-8", "replace")
+
+    def request(
+        self, url: str, data: bytes | None = None, headers: Mapping[str, str] | None = None
+    ) -> tuple[int, dict[str, str], str]:
+        """One HTTP request: (status, response headers, body text); errors are answers too."""
+        if url.startswith("/"):
+            url = self.url(url)
+        req = urllib.request.Request(url, data=data, headers=dict(headers or {}))
+        try:
+            with urllib.request.urlopen(req, timeout=MAX_WAIT) as r:
+                return r.status, dict(r.headers.items()), r.read().decode("utf-8", "replace")
+        except urllib.error.HTTPError as e:
+            return e.code, dict(e.headers.items()), e.read().decode("utf-8", "replace")
+
+    def raw_http(self, payload: bytes, port: int | None = None) -> bytes:
+        """Send raw bytes to the web port (malformed requests); what came back until close."""
+        with socket.create_connection(("127.0.0.1", port or self.web_port), timeout=5) as s:
+            s.sendall(payload)
+            out = b""
+            with contextlib.suppress(OSError):
+                while chunk := s.recv(65536):
+                    out += chunk
+            return out
 
     def page(self, url: str, lang: str = "en") -> Page:
         status, body = self._http(url, headers={"Accept-Language": lang})

@@ -95,8 +95,8 @@ async def test_confirm_page_in_headless_chromium(tmp_path: Path) -> None:
         subject, external, done = await asyncio.wait_for(
             asyncio.to_thread(drive, url, ARTIFACTS), 90
         )
-        assert subject == "月次報告"
-        assert "partner.co.jp" in external and "山田 花子 <hanako@partner.co.jp>" in external
+        assert subject == "「月次報告」"  # data in visible quotes (issue 12)
+        assert "partner.co.jp" in external and "「山田 花子」 <hanako@partner.co.jp>" in external
         assert "送信しました" in done
         assert (ARTIFACTS / "confirm-page.png").stat().st_size > 1000
         h = await r.store.get(qid)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import email
 import email.policy
 import logging
+import re
 import subprocess
 import sys
 from email.headerregistry import Address as HAddress
@@ -188,15 +189,15 @@ def test_recipients_split_grouped_by_organisation_with_names(kind: str) -> None:
     assert ext.startswith(" 3 社・4 件")
     # grouped: each organisation once, its people under it, with display names
     partner = section(ext, "[partner.co.jp]", "[example.com]")
-    assert "山田 花子 <hanako@partner.co.jp>" in partner and "ichiro@partner.co.jp" in partner
+    assert "「山田 花子」 <hanako@partner.co.jp>" in partner and "ichiro@partner.co.jp" in partner
     other = section(ext, "[example.com]", "[rival.co.jp]")
-    assert "Suzuki Jiro <suzuki@other.example.com> (Cc)" in other
+    assert "「Suzuki Jiro」 <suzuki@other.example.com> (Cc)" in other
     assert f"{HIDDEN} (Bcc)" in ext.split("[rival.co.jp]")[1]
     assert "chika" not in ext
-    assert "佐藤 千佳 <chika@example.co.jp> (Cc)" in internal and "partner" not in internal
+    assert "「佐藤 千佳」 <chika@example.co.jp> (Cc)" in internal and "partner" not in internal
     # attachments: name and a human size
     att = SUMMARY.attachments[0]
-    assert f"顧客リスト.xlsx ({human_size(att.size)})" in body and "KB" in human_size(att.size)
+    assert f"「顧客リスト.xlsx」 ({human_size(att.size)})" in body and "KB" in human_size(att.size)
     if kind != "outcome":  # findings in plain words, as the checks wrote them
         for f in SUMMARY.findings:
             assert f.ja in body
@@ -224,7 +225,7 @@ def test_no_external_recipients_says_none() -> None:
         notifier(lang="ja+en").render("held", [SENDER], data("held", summary=s.to_json(), lang=""))
     )
     assert "社外の宛先: なし" in body and "External recipients: none" in body
-    assert "社内の宛先: 1 件" in body and "佐藤 千佳 <chika@example.co.jp>" in body
+    assert "社内の宛先: 1 件" in body and "「佐藤 千佳」 <chika@example.co.jp>" in body
 
 
 @pytest.mark.parametrize("where", ["config", "data"])
@@ -284,8 +285,8 @@ def test_approval_request_names_the_sender() -> None:
             "approval-request", ["boss@x"], data("approval-request", lang="")
         )
     )
-    assert "田中 太郎 <taro@example.co.jp> さんのメール" in body
-    assert "A message from 田中 太郎 <taro@example.co.jp>" in body
+    assert "「田中 太郎 <taro@example.co.jp>」 さんのメール" in body
+    assert "A message from “田中 太郎 <taro@example.co.jp>”" in body
 
 
 def test_a_notice_without_summary_still_renders_and_is_logged(
@@ -317,7 +318,7 @@ def test_text_jis_cannot_encode_falls_back_to_utf8() -> None:
     text = msg.get_body(("plain",))
     assert text is not None and text.get_content_charset() == "utf-8"
     assert "報告 😀" in text.get_content()
-    assert str(msg["Subject"]).endswith("報告 😀")
+    assert str(msg["Subject"]).endswith("「報告 😀」")
     assert b"=?utf-8?b?" in raw  # the subject fell back to UTF-8 too
 
 
@@ -419,3 +420,30 @@ def test_zip_password_notice_from_the_zip_action(password_to: str) -> None:
         assert "あなた宛てに先にお送りしたメール「お見積り」" in body
         assert "was sent to you earlier" in body
     assert "will be sent" not in body and "送信されます" not in body
+
+
+# -- issue 12 item 1: values from the message are data -------------------------------------------
+
+
+def test_data_text_one_safe_line() -> None:
+    from mailguard.textsafe import data_text, is_clean, quoted
+
+    evil = "Invoice\r\n\r\n*** IT NOTICE: log in at https://login.evil.example/sso ***\u202e\u2066x"
+    out = data_text(evil)
+    assert out == "Invoice *** IT NOTICE: log in at https[:]//login.evil.example/sso ***x"
+    assert is_clean(out) and data_text(out) == out  # idempotent
+    assert data_text("see www.evil.example") == "see www[.]evil.example"
+    assert len(data_text("x" * 1000)) == 200 and data_text("x" * 1000).endswith("…")
+    assert quoted("見積書", "ja") == "「見積書」" and quoted("quote", "en") == "“quote”"
+    assert quoted("", "ja") == ""
+
+
+def test_html_part_links_only_the_guards_own_urls() -> None:
+    s = Summary.from_json(
+        {**SUMMARY.to_json(), "subject": "x\r\nhttps://login.evil.example/sso <b>y</b>"}
+    )
+    d = {**data("confirm"), "summary": s.to_json()}
+    subject, body, page = notifier().render_text("confirm", d, "ja")
+    assert "\n" not in subject and "https://login.evil.example" not in body + page
+    assert re.findall(r'href="([^"]*)"', page) == [d["url"]]
+    assert "&lt;b&gt;y&lt;/b&gt;" in page

@@ -169,7 +169,7 @@ def test_serve_log_has_no_secrets(tmp_path: Path) -> None:
     from conftest import ThreadSink, free_port, start_serve, wait_port
     from fault_support import serve_config
 
-    admin, secret = "ADMIN-tok-3f9a1c7e5b2d4680", "SECRET-key-8e7d6c5b4a392817"
+    admin, secret = "ADMIN-tok-3f9a1c7e5b2d4680-0123456789", "SECRET-key-8e7d6c5b4a392817"
     sink = ThreadSink()
     port, web_port = free_port(), free_port()
     (tmp_path / "p.toml").write_text(

@@ -85,7 +85,7 @@ async def _web(tmp_path: Path, **app_kw: Any) -> AsyncIterator[Web]:
         admin_token=ADMIN,
         public_url="http://guard.test",
         rate_limit=(5, 600.0),
-        **app_kw,
+        **({"login_limit": (50, 500, 600.0)} | app_kw),
     )
     srv = TestServer(app)
     await srv.start_server(access_log_class=RedactingAccessLogger)
@@ -211,8 +211,9 @@ async def test_guessing_is_rate_limited(web: Web) -> None:
     assert posts == [403] * 3
     codes = [(await web.client.get(guess)).status for _ in range(6)]
     assert codes[:5] == [404] * 5 and codes[5] == 429, codes
-    # once limited, even a valid link is not served to that client: guessing stays noisy
-    assert (await web.client.get(url)).status == 429
+    # only misses count: the valid link from the same client is still served (issue 12 item 3;
+    # a 192-bit token is not guessable, and people behind one proxy share an address)
+    assert (await web.client.get(url)).status == 200
     assert await web.state(qid) is State.HELD
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -23,7 +24,7 @@ from mailguard.metrics import Metrics
 from mailguard.notify import human_size
 from mailguard.queue.service import KeepRequest
 from mailguard.queue.store import State, new_id
-from mailguard.web.app import RedactingAccessLogger, make_app
+from mailguard.web.app import WEB_KEY, RedactingAccessLogger, make_app
 from tests._queue_support import SECRET, Rig, Sink, close, link_of, rig, serve, stop
 from tests.test_notify_render import POLICY, RAW, RCPTS, SENDER, _summary_of, envelope, make_raw
 
@@ -157,14 +158,15 @@ async def test_page_shows_what_is_about_to_happen(web: Web) -> None:
     orgs = [between(h, ">", "<") for h in ext.split('<h3 class="org"')[1:]]
     assert orgs == ["partner.co.jp", "example.com", "rival.co.jp"]
     partner = between(ext, "partner.co.jp", '<h3 class="org"')
-    assert "山田 花子 &lt;hanako@partner.co.jp&gt;" in partner and "ichiro@partner.co.jp" in partner
-    assert "Suzuki Jiro &lt;suzuki@other.example.com&gt;" in ext
+    assert "「山田 花子」 &lt;hanako@partner.co.jp&gt;" in partner
+    assert "ichiro@partner.co.jp" in partner
+    assert "「Suzuki Jiro」 &lt;suzuki@other.example.com&gt;" in ext
     assert "audit@rival.co.jp" in between(ext, "rival.co.jp", "</ul>")
     assert "chika" not in ext
     assert '<span class="count">4</span>' in between(html, "社外の宛先", "</h2>")
     assert "3 社" in between(html, "社外の宛先", "</h2>")
     internal = between(html, 'id="internal"', "</ul>")
-    assert "佐藤 千佳 &lt;chika@example.co.jp&gt;" in internal and "partner" not in internal
+    assert "「佐藤 千佳」 &lt;chika@example.co.jp&gt;" in internal and "partner" not in internal
     assert SUMMARY.findings
     for f in SUMMARY.findings:  # in plain words, as the checks wrote them
         assert f.ja in between(html, 'id="findings"', "</ul>")
@@ -232,8 +234,8 @@ async def test_notices_list_the_recipients_the_page_shows(web: Web) -> None:
     (notice,) = web.sink.of_kind("confirm")
     body = notice_text(notice[2])
     assert "社外の宛先: 3 社・4 件" in body
-    assert "山田 花子 <hanako@partner.co.jp>" in body
-    assert "佐藤 千佳 <chika@example.co.jp> (Cc)" in body
+    assert "「山田 花子」 <hanako@partner.co.jp>" in body
+    assert "「佐藤 千佳」 <chika@example.co.jp> (Cc)" in body
     assert "顧客リスト.xlsx" in body
 
 
@@ -314,8 +316,8 @@ async def test_unknown_tokens_404_then_rate_limited(web: Web) -> None:
         assert resp.status == 404
     limited = await web.client.get("/m/GuessedToken9999abcdefghijklmnop")
     assert limited.status == 429 and "Retry-After" in limited.headers
-    # while limited, even a real token answers 429: guessing learns nothing
-    assert (await web.client.get(links["confirm"])).status == 429
+    # only misses are limited: the real link from the same client still works (issue 12)
+    assert (await web.client.get(links["confirm"])).status == 200
     assert (await web.client.get("/m/short")).status == 404  # not even a token shape
 
 
@@ -493,8 +495,17 @@ async def test_metrics_count_every_post_and_time_each_decision(web: Web) -> None
     assert web.posts("invalid") == 6
     for i in range(5):  # (a POST without a valid form never reaches the token lookup)
         await web.client.get(f"/m/GuessedToken{i:04d}abcdefghijklmnop")
+    # limited: a POST that reaches the lookup with an unknown token (a valid CSRF value for it,
+    # minted with the server's own key) answers 429; the real (expired) link still answers 410
+    guess = "GuessedToken7777abcdefghijklmnop"
+    w = web.client.server.app[WEB_KEY]
+    issued = int((time.time() - 5) * 1000)
     limited = await web.client.post(
-        links["confirm"], data={"action": "send", "csrf_send": csrf(page, "send")}
+        f"/m/{guess}", data={"action": "send", "csrf_send": w.csrf(guess, "send", issued)}
     )
     assert limited.status == 429 and web.posts("rate_limited") == 1
+    gone = await web.client.post(
+        links["confirm"], data={"action": "send", "csrf_send": csrf(page, "send")}
+    )
+    assert gone.status == 410 and web.posts("expired") == 2
     assert web.posts("approved") == 0

@@ -2,10 +2,15 @@
 
 A template `<kind>.txt.j2` renders the whole plain-text mail: the first line is `Subject: …`, then a
 blank line, then the body. The HTML part comes from `<kind>.html.j2` when it exists, otherwise
-from `_layout.html.j2` wrapping the escaped text (links made clickable). Templates see:
+from `_layout.html.j2` wrapping the escaped text; only the guard's own URLs (the notice's
+`d.url` and `public_url`) become links there. Templates see:
 
-* `d` (alias `data`): the notice data as queued (see docs/queue.md for each kind's keys);
-* `s`: the message's `mailguard.summary.Summary`, read from `d.summary` (empty when absent);
+* `d` (alias `data`): the notice data as queued (see docs/queue.md for each kind's keys), every
+  string except `url` and `password` passed through `mailguard.textsafe.data_text`;
+* `s`: the message's `mailguard.summary.Summary`, read from `d.summary` (empty when absent),
+  every value from the message (subject, names, addresses, file names, finding texts) made one
+  safe line by `data_text` (no CR/LF, controls or bidi characters; capped; URLs defanged);
+* `q(value, lang)`: a value from the message in visible quotes (「…」 / “…”);
 * `langs`: ["ja"], ["en"] or ["ja", "en"] (`ja+en`: both in one mail, Japanese first);
 * `tr(ja, en)`: the strings of `langs` joined by " / " (subjects);
 * `when(iso)`: a local date and time; `size(n)`: "47.1 KB"; `to`: the notice's recipients.
@@ -48,7 +53,8 @@ import jinja2
 from markupsafe import Markup
 
 from mailguard.envelope import Envelope, Reply
-from mailguard.summary import Summary
+from mailguard.summary import Attachment, Reason, Recipient, Summary
+from mailguard.textsafe import NAME_LIMIT, data_text, quoted
 
 log = logging.getLogger("mailguard.notify")
 
@@ -107,6 +113,51 @@ def summary_of(data: Mapping[str, object]) -> Summary:
     """The Summary a notice carries (`data["summary"]`, i.e. `Summary.to_json()`)."""
     raw = data.get("summary")
     return Summary.from_json(raw) if isinstance(raw, Mapping) else Summary()
+
+
+def safe_summary(s: Summary) -> Summary:
+    """`s` with every value that came from the message made one safe line (`data_text`)."""
+
+    def rcpt(r: Recipient) -> Recipient:
+        return Recipient(
+            data_text(r.addr, 320), data_text(r.name, NAME_LIMIT), r.field, data_text(r.org, 255)
+        )
+
+    return Summary(
+        subject=data_text(s.subject),
+        sender=data_text(s.sender, 320),
+        internal=tuple(rcpt(r) for r in s.internal),
+        external=tuple(rcpt(r) for r in s.external),
+        attachments=tuple(
+            Attachment(data_text(a.name, NAME_LIMIT), a.size, data_text(a.content_type, 100))
+            for a in s.attachments
+        ),
+        findings=tuple(
+            Reason(r.code, data_text(r.en, 400), data_text(r.ja, 400)) for r in s.findings
+        ),
+        rules=s.rules,
+        domains=s.domains,
+    )
+
+
+# Notice data keys that are the guard's own values, not text from a message.
+_OWN_KEYS = frozenset({"url", "password", "summary"})
+
+
+def safe_data(data: Mapping[str, object]) -> dict[str, object]:
+    """The notice data with every string (in lists and mappings too) passed through `data_text`,
+    except the guard's own `url` and `password` (and `summary`, shown through `safe_summary`)."""
+
+    def clean(v: object) -> object:
+        if isinstance(v, str):
+            return data_text(v, 400)
+        if isinstance(v, list | tuple):
+            return [clean(x) for x in v]
+        if isinstance(v, Mapping):
+            return {str(k): clean(x) for k, x in v.items()}
+        return v
+
+    return {k: (v if k in _OWN_KEYS else clean(v)) for k, v in data.items()}
 
 
 def _body_digest(body: bytes) -> bytes:
@@ -202,6 +253,7 @@ class Notifier:
         for env in (self._text_env, self._html_env):  # macros see globals, not the context
             env.globals["size"] = human_size
             env.globals["when"] = self._when
+            env.globals["q"] = quoted
 
     # -- rendering -----------------------------------------------------------------------------
 
@@ -227,15 +279,21 @@ class Notifier:
 
         if kind in ABOUT_A_MESSAGE and not isinstance(data.get("summary"), Mapping):
             log.warning("%s notice (id=%s) carries no summary", kind, data.get("id", "-"))
+        safe = safe_data(data)
         ctx: dict[str, object] = {
-            "d": data,
-            "data": data,
-            "s": summary_of(data),
+            "d": safe,
+            "data": safe,
+            "s": safe_summary(summary_of(data)),
             "to": list(to),
             "langs": langs,
             "tr": tr,
         }
         return ctx
+
+    def own_urls(self, data: Mapping[str, object]) -> frozenset[str]:
+        """The URLs the HTML part may turn into links: the notice's own link and public_url."""
+        url = data.get("url")
+        return frozenset(u for u in (url if isinstance(url, str) else "", self.public_url) if u)
 
     def render_text(
         self,
@@ -256,7 +314,7 @@ class Notifier:
             page = self._html_env.get_template(f"{kind}.html.j2").render(ctx)
         except jinja2.TemplateNotFound:
             page = self._html_env.get_template("_layout.html.j2").render(
-                ctx, subject=subject, body_html=_text_to_html(body)
+                ctx, subject=subject, body_html=_text_to_html(body, self.own_urls(data))
             )
         return subject, body, page
 
@@ -356,14 +414,21 @@ def _tidy(body: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", body.lstrip("\n"))
 
 
-_URL = re.compile(r"https?://[^\s<>\"']+")
+_URL = re.compile(r"https?://[^\s<>\"'「」“”]+")
 
 
-def _text_to_html(text: str) -> Markup:
-    """Escaped paragraphs with clickable links (the default HTML part)."""
+def _text_to_html(text: str, own: frozenset[str] = frozenset()) -> Markup:
+    """Escaped paragraphs (the default HTML part). Only a URL that is exactly one of `own` (the
+    guard's own links) becomes a link; any other URL-looking text stays text."""
     out = []
     for para in re.split(r"\n\s*\n", text.strip()):
-        esc = html.escape(para)
-        esc = _URL.sub(lambda m: f'<a href="{m[0]}">{m[0]}</a>', esc)
-        out.append("<p>" + esc.replace("\n", "<br>\n") + "</p>")
+        pieces: list[str] = []
+        pos = 0
+        for m in _URL.finditer(para):
+            pieces.append(html.escape(para[pos : m.start()]))
+            url = html.escape(m[0])
+            pieces.append(f'<a href="{url}">{url}</a>' if m[0] in own else url)
+            pos = m.end()
+        pieces.append(html.escape(para[pos:]))
+        out.append("<p>" + "".join(pieces).replace("\n", "<br>\n") + "</p>")
     return Markup("\n".join(out))  # built from escaped text

@@ -1,5 +1,5 @@
 """Web stage: confirm pages, admin JSON API and /healthz (aiohttp)."""
 
-from mailguard.web.app import RedactingAccessLogger, make_app, start_web
+from mailguard.web.app import RedactingAccessLogger, make_app, make_metrics_app, start_web
 
-__all__ = ["RedactingAccessLogger", "make_app", "start_web"]
+__all__ = ["RedactingAccessLogger", "make_app", "make_metrics_app", "start_web"]

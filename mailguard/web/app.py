@@ -3,15 +3,25 @@
 A GET never changes state: mail security gateways and link scanners open every link in a mail,
 so GET/HEAD only show the page and a POST acts. The POST must carry a CSRF value (HMAC of token,
 action and issue time under the server secret) from a page rendered at most an hour earlier.
-Unknown tokens are counted per client address and answered 429 past the limit, so guessing a
-192-bit token is hopeless and noisy. Pages are self-contained (inline CSS, no scripts, no external
-assets), in Japanese and English (Accept-Language, `?lang=`), and sent with no-referrer /
-no-store / noindex headers. Tokens never reach a log line: use `start_web()` (or pass
-`access_log_class=RedactingAccessLogger` to your AppRunner) to keep them out of access logs.
+Unknown tokens (misses) are counted per client address and for all clients together; past either
+budget an unknown token is answered 429 instead of 404, so guessing a 192-bit token is hopeless
+and noisy. A valid token is never refused for its client's misses: the lookup comes first, so
+people behind one proxy address are not locked out by a guesser among them. The client address is
+the TCP peer, or — only when the peer is a configured trusted proxy — the address the proxy puts
+in `client_ip_header` (X-Forwarded-For: the right-most address that is not a trusted proxy).
+Failed admin-API logins are throttled the same way (per client and for all clients together);
+a throttled client is refused without its token being compared. Pages are self-contained
+(inline CSS, no scripts, no external assets), in Japanese and English (Accept-Language,
+`?lang=`), and sent with no-referrer / no-store / noindex headers. Tokens never reach a log
+line: use `start_web()` (or pass `access_log_class=RedactingAccessLogger` to your AppRunner) to
+keep them out of access logs.
 
 The page shows the message's `Summary` as the queue stored it (`Summary.from_json(held.summary)`):
 internal and external recipients (external grouped by organisation, with display names), the
 findings in plain words, attachment names and sizes, and the actions `PageView.actions` allows.
+Every value from the message is data: made one safe line by `mailguard.textsafe` (no CR/LF,
+control or bidi characters, capped, URLs defanged) and shown in visible quotes; the page links
+nothing but its own language switch.
 With `metrics`, every POST to a page counts in mailguard_confirm_posts_total{outcome} and every
 action carried out observes the time from arrival to the person's decision.
 """
@@ -22,11 +32,12 @@ import base64
 import collections
 import hashlib
 import hmac
+import ipaddress
 import logging
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,10 +48,12 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from mailguard.errors import StoreError
+from mailguard.logfmt import install_redaction, redact_tokens
 from mailguard.notify.render import human_size
 from mailguard.queue.service import HoldService
 from mailguard.queue.store import Held, HeldStore, State, TokenError, TransitionError
 from mailguard.summary import Recipient, Summary
+from mailguard.textsafe import NAME_LIMIT, data_text, quoted
 
 if TYPE_CHECKING:
     from mailguard.metrics import Metrics
@@ -50,6 +63,8 @@ log = logging.getLogger("mailguard.web")
 TEMPLATES = Path(__file__).with_name("templates")
 TOKEN_RE = r"[A-Za-z0-9_-]{16,128}"
 CSRF_MAX_AGE = 3600.0
+SERVER_NAME = "MailGuard"  # the Server: header, without versions
+METRICS_ACCESS = ("open", "token", "off")
 
 SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
@@ -202,39 +217,94 @@ def pick_lang(request: web.Request, default: str) -> str:
 
 
 class RateLimiter:
-    """At most `limit` misses per `window` seconds per client address (unknown tokens)."""
+    """At most `limit` events (misses: unknown tokens, failed logins) per `window` seconds per
+    client address, and at most `global_limit` from all clients together (0 = no such limit).
+    Only events count: a client that makes none is never limited."""
 
-    def __init__(self, limit: int = 20, window: float = 600.0, max_clients: int = 10000) -> None:
+    def __init__(
+        self,
+        limit: int = 20,
+        window: float = 600.0,
+        max_clients: int = 10000,
+        global_limit: int = 0,
+    ) -> None:
         self.limit = limit
         self.window = window
         self.max_clients = max_clients
+        self.global_limit = global_limit
         self._hits: collections.OrderedDict[str, collections.deque[float]] = (
             collections.OrderedDict()
         )
+        self._all: collections.deque[float] = collections.deque()
 
-    def _trim(self, ip: str, now: float) -> collections.deque[float]:
-        q = self._hits.setdefault(ip, collections.deque())
+    def _expire(self, q: collections.deque[float], now: float) -> collections.deque[float]:
         while q and q[0] <= now - self.window:
             q.popleft()
+        return q
+
+    def _trim(self, ip: str, now: float) -> collections.deque[float]:
+        q = self._expire(self._hits.setdefault(ip, collections.deque()), now)
         self._hits.move_to_end(ip)
         while len(self._hits) > self.max_clients:
             self._hits.popitem(last=False)
         return q
 
     def blocked(self, ip: str, now: float | None = None) -> bool:
+        """True when `ip` (or everyone together) used up the budget."""
+        t = time.monotonic() if now is None else now
+        if self.global_limit > 0 and len(self._expire(self._all, t)) >= self.global_limit:
+            return True
         if self.limit <= 0:
             return False
-        return len(self._trim(ip, now or time.monotonic())) >= self.limit
+        q = self._hits.get(ip)
+        return q is not None and len(self._trim(ip, t)) >= self.limit
 
     def miss(self, ip: str, now: float | None = None) -> None:
-        self._trim(ip, now or time.monotonic()).append(now or time.monotonic())
+        """Count one event for `ip` (not counted past the budget: memory stays bounded)."""
+        t = time.monotonic() if now is None else now
+        if self.global_limit > 0 and len(self._expire(self._all, t)) < self.global_limit:
+            self._all.append(t)
+        if self.limit > 0:
+            q = self._trim(ip, t)
+            if len(q) < self.limit:
+                q.append(t)
+
+
+class ClientAddress:
+    """The client's address: the TCP peer, or the address a trusted proxy reports for it."""
+
+    def __init__(self, trusted_proxies: Sequence[str] = (), header: str = "X-Forwarded-For"):
+        self.trusted = tuple(ipaddress.ip_network(n, strict=False) for n in trusted_proxies)
+        self.header = header
+
+    def _is_trusted(self, addr: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(addr.strip().strip("[]"))
+        except ValueError:
+            return False
+        return any(ip in n for n in self.trusted)
+
+    def __call__(self, request: web.BaseRequest) -> str:
+        peer = request.remote or "-"
+        if not self.trusted or not self._is_trusted(peer):
+            return peer  # a header from an untrusted peer is the client's own claim: ignored
+        values = request.headers.getall(self.header, [])
+        hops = [h.strip() for v in values for h in v.split(",") if h.strip()]
+        for hop in reversed(hops):  # right-most first: the proxies' own additions
+            try:
+                ip = str(ipaddress.ip_address(hop.strip("[]")))
+            except ValueError:
+                return peer  # garbage where an address should be: do not trust the chain
+            if not self._is_trusted(ip):
+                return ip
+        return peer
 
 
 class RedactingAccessLogger(AbstractAccessLogger):
     """aiohttp access log without tokens: /m/<token> is logged as /m/…"""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        path = re.sub(r"^/m/[^/?]+", "/m/…", request.path)
+        path = redact_tokens(re.sub(r"^/m/[^/?]+", "/m/…", request.path))
         self.logger.info(
             '%s "%s %s" %s %.3fs', request.remote, request.method, path, response.status, time
         )
@@ -255,8 +325,12 @@ class _Web:
         timezone: tzinfo | None,
         public_url: str,
         metrics: Metrics | None = None,
+        client_address: ClientAddress | None = None,
+        login_limiter: RateLimiter | None = None,
     ) -> None:
         self.store = store
+        self.client_ip = client_address or ClientAddress()
+        self.login_limiter = login_limiter or RateLimiter(10, 600.0, global_limit=100)
         u = yarl.URL(public_url) if public_url else None
         self.origins = (f"{u.scheme}://{u.raw_authority}",) if u and u.scheme else ()
         self.service = service
@@ -280,19 +354,21 @@ class _Web:
     # -- helpers -------------------------------------------------------------------------------
 
     def csrf(self, token: str, action: str, issued: int | None = None) -> str:
-        issued = int(time.time()) if issued is None else issued
+        """HMAC(token | action | issue time) with the issue time in milliseconds: min_dwell is
+        measured from the moment the page was rendered, not from the start of its second."""
+        issued = int(time.time() * 1000) if issued is None else issued
         mac = hmac.new(self.secret, f"{token}|{action}|{issued}".encode(), hashlib.sha256)
         return f"{issued}.{base64.urlsafe_b64encode(mac.digest()[:24]).decode()}"
 
     def csrf_ok(self, token: str, action: str, value: str) -> str:
         """ "" if fine, else "forbidden" or "stale"."""
         issued_s, _, _ = value.partition(".")
-        if not issued_s.isdigit():
+        if not issued_s.isdigit() or len(issued_s) > 16:
             return "forbidden"
         issued = int(issued_s)
         if not hmac.compare_digest(self.csrf(token, action, issued), value):
             return "forbidden"
-        age = time.time() - issued
+        age = time.time() - issued / 1000.0
         if age > CSRF_MAX_AGE or age < -60:
             return "stale"
         if age < self.min_dwell:
@@ -320,17 +396,22 @@ class _Web:
 
     # -- confirm pages -------------------------------------------------------------------------
 
-    async def page(self, request: web.Request) -> web.StreamResponse:
-        lang = pick_lang(request, self.lang_default)
-        ip = request.remote or "-"
+    def unknown(self, lang: str, ip: str) -> web.Response:
+        """An unknown token: 404 and one miss counted, or 429 once the budget is used up."""
         if self.limiter.blocked(ip):
             return self.gone(lang, "limited")
+        self.limiter.miss(ip)
+        return self.gone(lang, "unknown")
+
+    async def page(self, request: web.Request) -> web.StreamResponse:
+        lang = pick_lang(request, self.lang_default)
+        ip = self.client_ip(request)
         token = request.match_info["token"]
         try:
             view = await self.service.page(token)
         except TokenError as e:
             if e.reason == "unknown":
-                self.limiter.miss(ip)
+                return self.unknown(lang, ip)
             return self.gone(lang, e.reason, e.held)
         held = view.held
         if view.token.role == "approver":
@@ -349,12 +430,18 @@ class _Web:
     def page_context(self, held: Held, lang: str, mode: str, lead: str) -> dict[str, object]:
         """What the page shows about one kept message, from its stored Summary."""
         s = Summary.from_json(held.summary)
-        sender = s.sender or held.mail_from
-        envelope_from = held.mail_from if held.mail_from.lower() not in sender.lower() else ""
+        raw_sender = s.sender or held.mail_from
+        envelope_from = (
+            data_text(held.mail_from, 320)
+            if held.mail_from.lower() not in raw_sender.lower()
+            else ""
+        )
+        sender = quoted(raw_sender, lang, 320)
 
         def person(r: Recipient) -> dict[str, str]:
+            addr = data_text(r.addr, 320)
             return {
-                "label": r.label(),
+                "label": f"{quoted(r.name, lang, NAME_LIMIT)} <{addr}>" if r.name else addr,
                 "field": T[f"field.{r.field}"][lang] if r.field != "to" else "",
             }
 
@@ -363,19 +450,19 @@ class _Web:
             "mode": mode,
             "msg_id": held.id,  # the id in the SMTP reply, the log, the queue and the notices
             "lead": lead,
-            "subject": s.subject,
+            "subject": quoted(s.subject, lang),
             "sender": sender,
             "envelope_from": envelope_from,
-            "external": [(org, [person(r) for r in rs]) for org, rs in groups],
+            "external": [(data_text(org, 255), [person(r) for r in rs]) for org, rs in groups],
             "external_count": len(s.external),
             "orgs": T["org"][lang] if len(groups) == 1 else T["orgs"][lang].format(n=len(groups)),
             "internal": [person(r) for r in s.internal],
-            "findings": [f.text(lang) for f in s.findings],
+            "findings": [data_text(f.text(lang), 400) for f in s.findings],
             "attachments": [
                 {
-                    "name": a.name or T["noname"][lang],
+                    "name": quoted(a.name, lang, NAME_LIMIT) or T["noname"][lang],
                     "size": human_size(a.size),
-                    "content_type": a.content_type,
+                    "content_type": data_text(a.content_type, 100),
                 }
                 for a in s.attachments
             ],
@@ -390,10 +477,7 @@ class _Web:
 
     async def act(self, request: web.Request) -> web.StreamResponse:
         lang = pick_lang(request, self.lang_default)
-        ip = request.remote or "-"
-        if self.limiter.blocked(ip):
-            self._count("rate_limited")
-            return self.gone(lang, "limited")
+        ip = self.client_ip(request)
         origin = request.headers.get("Origin")
         if origin not in (None, "null", *self.origins, f"{request.scheme}://{request.host}"):
             self._count("invalid")
@@ -415,7 +499,9 @@ class _Web:
             )
         except TokenError as e:
             if e.reason == "unknown":
-                self.limiter.miss(ip)
+                resp = self.unknown(lang, ip)
+                self._count("rate_limited" if resp.status == 429 else "invalid")
+                return resp
             self._count(_token_outcome(e))
             return self.gone(lang, e.reason, e.held)
         except ValueError:
@@ -436,9 +522,18 @@ class _Web:
             return web.json_response(
                 {"error": "admin API disabled (no web.admin_token)"}, status=403
             )
+        ip = self.client_ip(request)
+        if self.login_limiter.blocked(ip):  # refused before the token is even compared
+            return web.json_response(
+                {"error": "too many failed logins, try later"},
+                status=429,
+                headers={"Retry-After": str(int(self.login_limiter.window))},
+            )
         got = request.headers.get("Authorization", "")
         want = f"Bearer {self.admin_token}"
         if not hmac.compare_digest(got.encode(), want.encode()):
+            self.login_limiter.miss(ip)
+            log.warning("admin API: failed login from %s", ip)
             return web.json_response(
                 {"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": "Bearer"}
             )
@@ -503,7 +598,7 @@ class _Web:
                 why = str(body.get("why", "")) if isinstance(body, Mapping) else ""
             except ValueError:
                 return web.json_response({"error": "body must be JSON"}, status=400)
-        by = f"api:{request.remote or '-'}"
+        by = f"api:{self.client_ip(request)}"
         try:
             if verb == "release":
                 held = await self.service.release(msg_id, by=by, why=why or "released by admin")
@@ -550,12 +645,25 @@ def _token_outcome(e: TokenError) -> str:
     return "used"  # used, or the message was already decided through another link
 
 
-def _metrics_route(metrics: Metrics) -> Callable[[web.Request], Awaitable[web.Response]]:
+def _metrics_route(
+    metrics: Metrics, auth: Callable[[web.Request], web.Response | None] | None = None
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """GET /metrics; with `auth` (the admin API's Bearer check) only for the admin token."""
+
     async def render(request: web.Request) -> web.Response:
+        if auth is not None and (denied := auth(request)) is not None:
+            return denied
         body, ctype = metrics.render()
         return web.Response(body=body, headers={"Content-Type": ctype})
 
     return render
+
+
+def make_metrics_app(metrics: Metrics) -> web.Application:
+    """An application serving only GET /metrics (and /healthz-free): for `[metrics] listen`."""
+    app = web.Application(middlewares=[security_headers])
+    app.router.add_get("/metrics", _metrics_route(metrics))
+    return app
 
 
 WEB_KEY: web.AppKey[_Web] = web.AppKey("mailguard.web", _Web)
@@ -582,6 +690,7 @@ async def security_headers(
         )
     for k, v in SECURITY_HEADERS.items():
         resp.headers.setdefault(k, v)
+    resp.headers["Server"] = SERVER_NAME
     if isinstance(resp, web.HTTPException):
         raise resp
     return resp
@@ -601,11 +710,25 @@ def make_app(
     min_dwell: float = 0.0,
     timezone: str = "Asia/Tokyo",
     metrics: Metrics | None = None,
+    metrics_access: str = "open",
+    global_miss_limit: int = 0,
+    trusted_proxies: Sequence[str] = (),
+    client_ip_header: str = "X-Forwarded-For",
+    login_limit: tuple[int, int, float] = (10, 100, 600.0),
 ) -> web.Application:
     """The aiohttp application. `secret` "" = random per start (pages outlive no restart);
     `on_change` is called after a release (pass Scheduler.wake); `min_dwell` > 0 refuses a POST
     that follows its page faster than a person could read it; `metrics` counts page POSTs and
-    observes the time to each person's decision."""
+    observes the time to each person's decision.
+
+    `rate_limit` (misses, window s) per client and `global_miss_limit` (all clients, 0 = none)
+    bound unknown tokens; `login_limit` (per client, all clients, window s) bounds failed
+    admin-API logins. `trusted_proxies` (CIDRs) are the peers whose `client_ip_header` names
+    the client. `metrics_access`: "open" (GET /metrics for anyone who reaches the port),
+    "token" (only with the admin Bearer token) or "off" (not on this app; see
+    `make_metrics_app`)."""
+    if metrics_access not in METRICS_ACCESS:
+        raise ValueError(f"metrics_access {metrics_access!r} (expected open, token or off)")
     from zoneinfo import ZoneInfo
 
     key = secret.encode() if isinstance(secret, str) else secret
@@ -620,13 +743,15 @@ def make_app(
         key or secrets.token_bytes(32),
         admin_token,
         lang_default,
-        RateLimiter(*rate_limit),
+        RateLimiter(*rate_limit, global_limit=global_miss_limit),
         upstream_check,
         on_change,
         min_dwell,
         tz,
         public_url,
         metrics,
+        ClientAddress(trusted_proxies, client_ip_header),
+        RateLimiter(login_limit[0], login_limit[2], global_limit=login_limit[1]),
     )
     app = web.Application(middlewares=[security_headers], client_max_size=64 * 1024)
     app[WEB_KEY] = w
@@ -636,14 +761,28 @@ def make_app(
     app.router.add_get("/api/messages/{id}", w.api_show)
     app.router.add_post("/api/messages/{id}/{verb:release|cancel}", w.api_move)
     app.router.add_get("/healthz", w.healthz)
-    if metrics is not None:
-        app.router.add_get("/metrics", _metrics_route(metrics))
+    if metrics is not None and metrics_access != "off":
+        app.router.add_get(
+            "/metrics", _metrics_route(metrics, w._auth if metrics_access == "token" else None)
+        )
     app.router.add_get("/robots.txt", robots)
     return app
 
 
+def _hide_server_version() -> None:
+    """aiohttp puts "Server: Python/3.x aiohttp/x.y" on every response it writes itself (a bad
+    request line, a too-long header): say only "MailGuard" there too."""
+    from aiohttp import web_response
+
+    vars(web_response)["SERVER_SOFTWARE"] = SERVER_NAME  # read by StreamResponse at prepare
+
+
 async def start_web(app: web.Application, host: str, port: int) -> web.AppRunner:
-    """Serve `app` with the token-redacting access log; returns the runner (await cleanup())."""
+    """Serve `app` with the token-redacting access log; returns the runner (await cleanup()).
+    Also installs the token-redacting log filter on aiohttp's loggers (its error log quotes
+    request lines) and hides aiohttp's version from the Server: header."""
+    install_redaction()
+    _hide_server_version()
     runner = web.AppRunner(
         app,
         access_log_class=RedactingAccessLogger,
