@@ -89,6 +89,11 @@ class SmtpConfig:
     # a client trickling a byte per (timeout - ε) is cut instead of holding a slot for ever.
     min_data_rate: int = 500
     xforward: bool = True
+    # Concurrent client connections per process; over it 421 4.7.0 and close (0 = no limit).
+    max_connections: int = 200
+    # Commands that move no mail (NOOP, RSET, EHLO, VRFY, XFORWARD, a refused MAIL …) since the
+    # last DATA; over it 421 4.7.0 and close (0 = no limit).
+    max_idle_commands: int = 20
 
 
 @dataclass(frozen=True, slots=True)

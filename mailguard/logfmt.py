@@ -47,6 +47,18 @@ def _text_value(value: str) -> str:
     return v
 
 
+def safe_id(s: str) -> str:
+    """An id from outside (Postfix's queue id from XFORWARD, an upstream's "queued as") made
+    safe for a log line: control, C1 and bidi characters escaped as \\xNN / \\uNNNN, at most 64
+    characters, "-" when empty."""
+    v = re.sub(
+        r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]",
+        lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}",
+        s or "-",
+    )
+    return v if len(v) <= 64 else v[:63] + "…"
+
+
 # A confirm-page path and its token: /m/<token>, also percent-encoded (%2Fm%2F<token>).
 _TOKEN_PATH = re.compile(r"((?:/|%2[fF])m(?:/|%2[fF]))[A-Za-z0-9_\-%]{6,}")
 AIOHTTP_LOGGERS: Final = (

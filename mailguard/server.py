@@ -3,6 +3,9 @@
 It hands every message to one callable (the pipeline's `handle`) and knows nothing else:
 start → serve → reload(cfg) (networks, hostname, limits) → stop: no new connections, idle ones
 closed, transactions in flight finish (bounded), then the rest are closed.
+
+At most `smtp.max_connections` sessions are served at once (per process); a connection over the
+cap is answered `421 4.7.0` and closed before anything else (the client, Postfix, retries).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from mmap import mmap
 
@@ -43,6 +47,9 @@ class Server:
         self._sock = sock
         self._server: asyncio.Server | None = None
         self._protocols: set[GuardSMTP] = set()
+        self._served: set[GuardSMTP] = set()  # the ones under max_connections
+        self._busy_refused = 0  # refused over the cap since the last warning
+        self._busy_logged = 0.0
         self._networks = Networks(cfg.smtp.allowed_networks)
         self._configure(cfg)
 
@@ -71,6 +78,7 @@ class Server:
             ident="MailGuard",
             timeout=s.timeout,
             on_client=self.on_client,
+            max_idle_commands=s.max_idle_commands,
         )
         proto.on_connection = self._track
         return proto
@@ -78,8 +86,29 @@ class Server:
     def _track(self, proto: GuardSMTP, opened: bool) -> None:
         if opened:
             self._protocols.add(proto)
+            cap = self.cfg.smtp.max_connections
+            if cap and len(self._served) >= cap:
+                proto.busy = True  # answered 421 by its session, before the greeting
+                self._refused_busy(cap)
+            else:
+                self._served.add(proto)
         else:
             self._protocols.discard(proto)
+            self._served.discard(proto)
+
+    def _refused_busy(self, cap: int) -> None:
+        """Warn about connections over the cap, at most every 10 s (a flood is one line)."""
+        self._busy_refused += 1
+        now = time.monotonic()
+        if now - self._busy_logged >= 10.0:
+            log.warning(
+                "smtp: %d connection(s) refused: %d open, smtp.max_connections = %d",
+                self._busy_refused,
+                len(self._served),
+                cap,
+            )
+            self._busy_refused = 0
+            self._busy_logged = now
 
     async def listen(self) -> None:
         """Open the SMTP port: mail flows from here on."""

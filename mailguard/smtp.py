@@ -5,7 +5,14 @@ What it adds to aiosmtpd's SMTP class:
 * client networks: only configured networks may talk to us (no open relay), checked at connect
   and again at MAIL;
 * XFORWARD (Postfix XFORWARD_README): NAME ADDR PROTO HELO IDENT SOURCE PORT are recorded, so log
-  lines carry Postfix's queue id, and passed on to an upstream that announces XFORWARD;
+  lines carry Postfix's queue id, and passed on to an upstream that announces XFORWARD; values are
+  xtext (printable ASCII): a control or non-ASCII character is refused with 501 at parse, so it
+  never reaches a log line or the upstream;
+* idle sessions: more than `max_idle_commands` commands other than MAIL/RCPT/DATA/QUIT (NOOP,
+  RSET, HELO/EHLO, VRFY, HELP, XFORWARD, a refused MAIL, …) since the last DATA answer
+  `421 4.7.0` and close (Postfix's smtpd_junk_command_limit idea); a connection opened over the
+  server's `max_connections` is answered `421 4.7.0` and closed at once (`busy`, set by the
+  server);
 * a chunked DATA reader: aiosmtpd reads DATA line by line (≈ 4 s CPU for 1 MiB in a profile);
   this one reads up to 1 MiB at a time, finds CRLF.CRLF with bytes.find (also split across reads
   and at the very start), un-stuffs dots with one replace, keeps the wire form for the relay,
@@ -38,6 +45,12 @@ from mailguard.envelope import TEMPFAIL, Envelope, Reply
 log = logging.getLogger("mailguard.smtp")
 
 XFORWARD_ATTRS = ("NAME", "ADDR", "PROTO", "HELO", "IDENT", "SOURCE", "PORT")
+# xtext (RFC 3461 4): printable ASCII without SP; the attributes are separated by spaces
+_XFORWARD_BAD = re.compile(r"[^\x20-\x7e]")
+# commands that move mail; everything else counts towards max_idle_commands
+_MAIL_COMMANDS = frozenset({"MAIL", "RCPT", "DATA", "QUIT"})
+TOO_MANY_CONNECTIONS = "421 4.7.0 MailGuard: too many connections, try again later"
+TOO_MANY_COMMANDS = "421 4.7.0 MailGuard: too many commands without mail, closing connection"
 _READ = 1 << 20
 # 998 octets + a transparent dot + CR, between two LFs (RFC 5321 4.5.3.1.6, as aiosmtpd counts)
 _MAX_LINE = 1000
@@ -124,6 +137,7 @@ class GuardSMTP(SMTP):
         xforward: bool = True,
         min_data_rate: int = 500,
         on_client: ClientHook | None = None,
+        max_idle_commands: int = 0,
         **kw: Any,
     ) -> None:
         kw.setdefault("enable_SMTPUTF8", True)
@@ -139,6 +153,38 @@ class GuardSMTP(SMTP):
         # accepted (True) or refused by allowed_networks (False), once per client. Per instance
         # (the server's protocol factory passes it): a function set on the class would be bound.
         self.on_client = on_client
+        self.max_idle_commands = max_idle_commands  # 0 = no limit
+        self._idle_commands = 0
+        self.busy = False  # set by the server before the greeting: over max_connections
+        if max_idle_commands:
+            for name, method in list(self._smtp_methods.items()):
+                if name not in _MAIL_COMMANDS:
+                    self._smtp_methods[name] = self._counted(method)
+
+    def _counted(
+        self, method: Callable[[str | None], Awaitable[None]]
+    ) -> Callable[[str | None], Awaitable[None]]:
+        async def counted(arg: str | None) -> None:
+            if await self._idle_over():
+                return
+            await method(arg)
+
+        return counted
+
+    async def _idle_over(self) -> bool:
+        """Count one command that moves no mail; over the limit: 421 and close (True)."""
+        self._idle_commands += 1
+        if not self.max_idle_commands or self._idle_commands <= self.max_idle_commands:
+            return False
+        assert self.session is not None
+        log.warning(
+            "%r: %d commands without mail: closing", self.session.peer, self._idle_commands - 1
+        )
+        with contextlib.suppress(Exception):
+            await self.push(TOO_MANY_COMMANDS)
+        if self.transport is not None:
+            self.transport.close()
+        return True
 
     def _fast_init(self, handler: Any, kw: dict[str, Any]) -> None:
         """aiosmtpd's __init__ costs ≈ 1.3 ms (inspect.getmembers over self and the handler, on
@@ -192,6 +238,12 @@ class GuardSMTP(SMTP):
 
     async def _handle_client(self) -> None:
         assert self.session is not None
+        if self.busy:  # over the server's max_connections: before any other work
+            with contextlib.suppress(Exception):
+                await self.push(TOO_MANY_CONNECTIONS)
+            assert self.transport is not None
+            self.transport.close()
+            return
         allowed = self.networks.allows(self.session.peer)
         self._tell_client(allowed)
         if not allowed:
@@ -231,8 +283,18 @@ class GuardSMTP(SMTP):
         if not arg:
             await self.push("501 5.5.4 Syntax: XFORWARD attribute=value ...")
             return
+        bad = _XFORWARD_BAD.search(arg)
+        if bad is not None:
+            # xtext only: a control character (ESC, NUL, CR…) or raw 8-bit would reach the
+            # logs and the upstream as it came
+            await self.push(
+                f"501 5.5.4 Bad XFORWARD value: character U+{ord(bad.group()):04X} not allowed"
+            )
+            return
         attrs: dict[str, str] = {}
-        for item in arg.split():
+        for item in arg.split(" "):
+            if not item:
+                continue
             name, eq, value = item.partition("=")
             name = name.upper()
             if not eq or name not in XFORWARD_ATTRS:
@@ -256,7 +318,10 @@ class GuardSMTP(SMTP):
         if not self.networks.allows(self.session.peer):
             await self.push("554 5.7.1 MailGuard: your address is not allowed to relay")
             return
+        open_before = self.envelope is not None and self.envelope.mail_from is not None
         await super().smtp_MAIL(arg)
+        if open_before or self.envelope is None or self.envelope.mail_from is None:
+            await self._idle_over()  # a refused MAIL moves no mail either
 
     # -- DATA -----------------------------------------------------------------------------
     @syntax("DATA")
@@ -279,6 +344,7 @@ class GuardSMTP(SMTP):
             log.info("%r connection lost during DATA", self.session.peer)
             self._writer.close()
             raise
+        self._idle_commands = 0  # a message was sent: the session is not idle
         if problem:
             self._set_post_data_state()
             await self.push(problem)

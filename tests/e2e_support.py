@@ -183,9 +183,13 @@ class Got:
 
 class ReceivingSink:
     """aiosmtpd on loopback in its own thread. `refuse(data) -> reply | None` scripts a refusal
-    for some messages (e.g. those carrying an X-E2E-Refuse header)."""
+    for some messages (e.g. those carrying an X-E2E-Refuse header). `smtputf8=False`: an
+    upstream that does not announce SMTPUTF8 (RFC 6531)."""
 
-    def __init__(self, refuse: Callable[[bytes], str | None] | None = None) -> None:
+    def __init__(
+        self, refuse: Callable[[bytes], str | None] | None = None, *, smtputf8: bool = True
+    ) -> None:
+        self.smtputf8 = smtputf8
         self.accepted: list[Got] = []
         self.refused: list[Got] = []
         self.refuse = refuse
@@ -221,7 +225,7 @@ class ReceivingSink:
 
         async def main() -> None:
             self.server = await self.loop.create_server(
-                lambda: SMTP(Handler(), hostname="sink.test", enable_SMTPUTF8=True),
+                lambda: SMTP(Handler(), hostname="sink.test", enable_SMTPUTF8=self.smtputf8),
                 "127.0.0.1",
                 0,
             )
@@ -419,6 +423,7 @@ class Guard:
     `config_extra`: a dict {section: {key: value}} or TOML text, merged over the base config
     (base: web on with min_dwell 0.2s, notify.sender, JSON logs, the sink as upstream).
     `refuse`: passed to the sink (default: refuse mail with an X-E2E-Refuse header).
+    `sink_smtputf8=False`: the sink does not offer SMTPUTF8.
     """
 
     def __init__(
@@ -430,6 +435,7 @@ class Guard:
         config_extra: Mapping[str, Mapping[str, Any]] | str | None = None,
         refuse: Callable[[bytes], str | None] | None = refuse_marked,
         web: bool = True,
+        sink_smtputf8: bool = True,
     ) -> None:
         self.dir = tmp_path
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -445,6 +451,7 @@ class Guard:
             self.policy_path = policy_file
         self._refuse = refuse
         self._web = web
+        self._sink_smtputf8 = sink_smtputf8
         self._extra = config_extra
         self.sink: ReceivingSink | None = None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -482,7 +489,7 @@ class Guard:
         return cfg
 
     def __enter__(self) -> Guard:
-        self.sink = ReceivingSink(self._refuse)
+        self.sink = ReceivingSink(self._refuse, smtputf8=self._sink_smtputf8)
         self.config_path.write_text(toml_text(self.config()), encoding="utf-8")
         self._log_fh = open(self.log_path, "ab")
         self.proc = subprocess.Popen(

@@ -8,6 +8,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import zlib
 from datetime import timedelta
@@ -296,3 +297,78 @@ def test_password_generator() -> None:
     assert len(generate_password(20, "abcdefghijk")) == 20
     with pytest.raises(ValueError):
         generate_password(4)
+
+
+# -- hostile names (issue 12 item 5) -----------------------------------------------------------
+
+
+def test_name_rules_cap_strip_and_keep_the_extension() -> None:
+    from mailguard.actions.archive import clean_name, fit_name, name_size
+
+    def safe(name: str, charset: str = "utf-8") -> str:
+        return fit_name(clean_name(name), charset)
+
+    assert safe("invoice\u202efdp.exe") == "invoicefdp.exe"
+    assert safe("a\u2066b\u200fc\u200bd.pdf") == "abcd.pdf"
+    assert safe("..\uff0f..\uff0fetc\u2215passwd\u2044x\uff3cy\u2216z/\\w.pdf") == (
+        "_.._etc_passwd_x_y_z__w.pdf"
+    )
+    long = safe("a" * 70000 + ".pdf")
+    assert len(long.encode()) == 255 and long.endswith("….pdf")
+    for charset in ("utf-8", "cp932"):
+        ja = safe("見積書" * 100 + ".xlsx", charset)
+        assert name_size(ja, charset) <= 255 and ja.endswith(".xlsx") and ja.startswith("見積書")
+        ja.encode(charset)  # cut on a character boundary: still encodes
+    assert safe("short.pdf") == "short.pdf"
+    assert safe("\u202e") == "attachment"
+
+
+@pytest.mark.parametrize("method", ["aes", "zipcrypto"])
+@pytest.mark.parametrize("charset", ["utf-8", "cp932"])
+def test_build_zip_survives_a_70000_byte_name(method: str, charset: str, tmp_path: Path) -> None:
+    """Before: struct.error (AES, 16-bit name length) or a heap corruption abort inside
+    libarchive 3.6 (ZipCrypto: `malloc(): corrupted top size`, the whole process died). Run in
+    a child so an abort cannot take the test run with it."""
+    code = (
+        "from datetime import datetime\n"
+        "from mailguard.actions.archive import Member, build_zip\n"
+        "import sys\n"
+        f"z = build_zip([Member('a' * 69996 + '.pdf', b'x' * 4000, datetime(2024, 1, 1))], 'pw',"
+        f" method={method!r}, names={charset!r})\n"
+        "sys.stdout.buffer.write(z)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with pyzipper.AESZipFile(io.BytesIO(r.stdout)) as zf:
+        (info,) = zf.infolist()
+        assert len(info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")) <= 255
+        zf.setpassword(b"pw")
+        assert zf.read(info) == b"x" * 4000
+    if shutil.which("unzip"):
+        path = tmp_path / "a.zip"
+        path.write_bytes(r.stdout)
+        assert subprocess.run(["unzip", "-l", str(path)], capture_output=True).returncode == 0
+
+
+def test_long_names_fold_per_rfc2231_and_round_trip() -> None:
+    m = EmailMessage()
+    m["From"] = "a@example.co.jp"
+    m["To"] = "b@partner.co.jp"
+    m["Subject"] = "long"
+    m.set_content("hi")
+    for name in ("b" * 9996 + ".pdf", "見積書" * 40 + ".pdf"):
+        m.add_attachment(b"%PDF-1.4\n" + b"x" * 3000, "application", "pdf", filename=name)
+    raw = m.as_bytes(policy=policy.SMTP)
+    out = zip_it(raw, zip_name_multi="{stem}.zip").raw
+    assert max(len(ln) for ln in out.split(b"\r\n")) <= 998
+    msg = message_from_bytes(out, policy=policy.default)
+    (zpart,) = [p for p in msg.walk() if p.get_content_type() == "application/zip"]
+    head = zpart.as_bytes(policy=policy.SMTP).split(b"\r\n\r\n", 1)[0]
+    assert max(len(ln) for ln in head.split(b"\r\n")) <= 78, head
+    assert b"filename*0*=UTF-8''" in head and b"filename*1*=" in head
+    zname = zpart.get_filename()
+    assert zname == zpart.get_param("name") and zname.endswith(".zip")
+    assert zname.startswith("bbbb") and len(zname.encode()) <= 255
+    with pyzipper.AESZipFile(io.BytesIO(zpart.get_payload(decode=True))) as zf:
+        names = zf.namelist()
+    assert [len(n.encode()) <= 255 and n.endswith(".pdf") for n in names] == [True, True]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import smtplib
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiosmtplib
@@ -615,3 +616,89 @@ async def test_hook_failure_does_not_fail_delivery(sink: Any) -> None:
     assert (await t.send(ENV, b"Subject: 1\r\n\r\n")).code == 250
     await t.close()
     assert len(up.got) == 1
+
+
+# -- international addresses (issue 12 item 4) -------------------------------------------------
+
+
+@dataclass
+class _OptsSink(Sink):
+    """A Sink that also records the MAIL parameters it was given."""
+
+    mail_options: list[list[str]] = field(default_factory=list)
+
+    async def handle_DATA(self, server, session, envelope) -> str:  # type: ignore[no-untyped-def]
+        self.mail_options.append(list(envelope.mail_options))
+        return await super().handle_DATA(server, session, envelope)
+
+
+async def _sink_server(sink: Sink, *, smtputf8: bool) -> Any:
+    from aiosmtpd.smtp import SMTP
+
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(
+        lambda: SMTP(sink, hostname="sink.test", enable_SMTPUTF8=smtputf8), "127.0.0.1", 0
+    )
+
+
+@pytest.mark.asyncio
+async def test_non_ascii_envelope_goes_out_with_smtputf8_unasked() -> None:
+    """The notifier's envelope carries no SMTPUTF8 option: the relay adds it itself."""
+    up = _OptsSink()
+    server = await _sink_server(up, smtputf8=True)
+    t = SmtpTransport("127.0.0.1", port_of(server), connect_timeout=2, command_timeout=3)
+    for env in (
+        Envelope("mailguard@example.co.jp", ["山田@example.co.jp"]),  # a notice to 山田
+        Envelope("山田@example.co.jp", ["b@partner.co.jp"]),
+    ):
+        reply = await t.send(env, b"Subject: n\r\n\r\nhi\r\n")
+        assert reply.code == 250, reply
+    assert [(g[0], g[1]) for g in up.got] == [
+        ("mailguard@example.co.jp", ["山田@example.co.jp"]),
+        ("山田@example.co.jp", ["b@partner.co.jp"]),
+    ]
+    assert all("SMTPUTF8" in o for o in up.mail_options), up.mail_options
+    # an ASCII envelope is not marked SMTPUTF8
+    assert (await t.send(Envelope("a@x.jp", ["b@y.jp"]), b"Subject: a\r\n\r\n")).code == 250
+    assert "SMTPUTF8" not in up.mail_options[-1]
+    await t.close()
+    server.close()
+
+
+@pytest.mark.asyncio
+async def test_non_ascii_envelope_without_upstream_smtputf8_is_a_permanent_refusal() -> None:
+    up = Sink()
+    server = await _sink_server(up, smtputf8=False)
+    t = SmtpTransport("127.0.0.1", port_of(server), connect_timeout=2, command_timeout=3)
+    for env in (
+        Envelope("mailguard@example.co.jp", ["山田@example.co.jp"]),
+        Envelope("山田@example.co.jp", ["b@partner.co.jp"], mail_options=["SMTPUTF8"]),
+    ):
+        reply = await t.send(env, b"Subject: n\r\n\r\nhi\r\n")  # must not raise
+        assert reply.code == 550 and reply.text.startswith("5.6.7"), reply
+    assert up.got == []
+    # the pooled connection is still good for the next (ASCII) message
+    assert (await t.send(Envelope("a@x.jp", ["b@y.jp"]), b"Subject: a\r\n\r\n")).code == 250
+    assert len(up.got) == 1 and t.open_connections == 1
+    await t.close()
+    server.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "env",
+    [
+        Envelope("a@x.jp", ["b@y.jp>\r\nRCPT TO:<victim@z.jp"]),
+        Envelope("a@x.jp\r\nRSET", ["b@y.jp"]),
+        Envelope("a@x.jp", ["b\x00@y.jp"]),
+    ],
+)
+async def test_control_characters_in_an_address_never_reach_the_upstream(
+    env: Envelope, sink: Any
+) -> None:
+    up, up_port = sink
+    t = SmtpTransport("127.0.0.1", up_port, connect_timeout=2, command_timeout=3)
+    reply = await t.send(env, b"Subject: x\r\n\r\n")
+    assert reply.code == 553 and reply.text.startswith("5.1.3"), reply
+    assert up.got == []
+    await t.close()

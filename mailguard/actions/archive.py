@@ -16,6 +16,12 @@ name to CP932 without bit 11 (what Japanese Windows Explorer and old archivers e
 the Info-ZIP Unicode Path extra field (0x7075) with the UTF-8 name, which Info-ZIP unzip and
 7-Zip prefer when its CRC matches the CP932 name.
 
+Names are made safe before they go in (`clean_name`, `fit_name`, also applied by `build_zip`):
+control, bidi (U+202E …) and invisible format characters are dropped, slashes, backslashes and
+their look-alikes (∕ ／ ⁄ ＼ ∖ …) become "_", so no entry can spoof its extension or reach another
+directory, and a name is cut to 255 bytes in the archive's filename charset on a character
+boundary, keeping its extension (a 16-bit length field; Info-ZIP and Windows stop at 255 too).
+
 Each member is stored when a 64 KiB sample does not deflate (JPEG, PDF, OOXML are already
 compressed: deflating 25 MB of them costs ~1 s for nothing), deflated otherwise.
 """
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import re
 import struct
 import zlib
 from collections.abc import Iterator, Sequence
@@ -41,6 +48,58 @@ _SAMPLE = 64 * 1024
 _FLAG_UTF8 = 0x800
 _FLAG_DESCRIPTOR = 0x8
 _UNICODE_PATH = 0x7075
+
+
+MAX_NAME = 255  # bytes of a member (or zip) name in its charset
+_MAX_EXT = 16  # a longer ".suffix" is not an extension worth keeping
+# bidi controls and invisible format characters (they reorder or hide what the reader sees)
+_HIDDEN = re.compile(
+    "[\u00ad\u061c\u115f\u1160\u180e\u200b-\u200f\u202a-\u202e\u2060-\u206f"
+    "\u3164\ufeff\ufff9-\ufffb\U000e0000-\U000e007f]"
+)
+# C0/C1 controls, characters Windows refuses in a name, slashes and their look-alikes
+_UNSAFE = re.compile(
+    '[\x00-\x1f\x7f-\x9f:*?"<>|'
+    "/\u2044\u2215\u2571\u29f8\u2afb\u2afd\uff0f"  # / ⁄ ∕ ╱ ⧸ ⫻ ⫽ ／
+    "\\\\\u2216\u2572\u29f5\u29f9\ufe68\uff3c"  # \ ∖ ╲ ⧵ ⧹ ﹨ ＼
+    "\u2028\u2029]"
+)
+
+
+def clean_name(name: str) -> str:
+    """`name` without hidden characters, with unsafe ones (controls, slashes and look-alikes,
+    Windows' reserved punctuation) as "_" and no leading/trailing spaces or dots."""
+    name = _UNSAFE.sub("_", _HIDDEN.sub("", name)).strip(" .")
+    return name or "attachment"
+
+
+def name_size(name: str, charset: str) -> int:
+    """Bytes of `name` as written in the archive (cp932: an unencodable character is "_")."""
+    if charset == "utf-8":
+        return len(name.encode("utf-8", "surrogatepass"))
+    return len(_encode_name(name, charset))
+
+
+def fit_name(name: str, charset: str = "utf-8", *, tail: str = "", limit: int = MAX_NAME) -> str:
+    """`name` + `tail` within `limit` bytes in `charset`: the stem is cut on a character
+    boundary, its extension (and `tail`, which goes before the extension) kept."""
+    stem, dot, ext = name.rpartition(".")
+    if dot and stem and len(ext) <= _MAX_EXT and name_size(ext, charset) <= _MAX_EXT:
+        end = tail + "." + ext
+    else:
+        stem, end = name, tail
+    if name_size(stem + end, charset) <= limit:
+        return stem + end
+    budget = limit - name_size(end, charset) - name_size("…", charset)
+    out: list[str] = []
+    used = 0
+    for ch in stem:
+        n = name_size(ch, charset)
+        if used + n > budget:
+            break
+        out.append(ch)
+        used += n
+    return "".join(out).rstrip(" .") + "…" + end
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +132,16 @@ def build_zip(
     names: NameCharset = "utf-8",
     compresslevel: int = 6,
 ) -> bytes:
-    """An encrypted zip of `members`; raises ValueError on an unknown method or charset."""
+    """An encrypted zip of `members`; raises ValueError on an unknown method or charset.
+
+    Member names are cleaned and cut to 255 bytes in `names` (see the module docstring), so a
+    hostile name can neither overflow a length field nor hide its extension."""
+    if names not in ("utf-8", "cp932"):
+        raise ValueError(f"unknown filename_charset {names!r} (expected utf-8, cp932)")
+    members = [
+        m if (n := fit_name(clean_name(m.name), names)) == m.name else Member(n, m.data, m.mtime)
+        for m in members
+    ]
     if method == "aes":
         out = _aes(members, password, compresslevel)
     elif method == "zipcrypto":

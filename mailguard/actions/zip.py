@@ -27,7 +27,6 @@ Options (all optional):
 from __future__ import annotations
 
 import base64
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -35,7 +34,15 @@ from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from mailguard.actions.archive import Member, Method, NameCharset, build_zip
+from mailguard.actions.archive import (
+    MAX_NAME,
+    Member,
+    Method,
+    NameCharset,
+    build_zip,
+    clean_name,
+    fit_name,
+)
 from mailguard.actions.base import Notice, Rewritten
 from mailguard.actions.headers import RawField, field_value, header_end, line_ending, split_fields
 from mailguard.actions.passwords import DEFAULT_ALPHABET, DEFAULT_LENGTH, generate_password
@@ -141,12 +148,11 @@ def _inside_message(part: Part, parents: Mapping[int, Part]) -> bool:
 
 # --- the zip part -----------------------------------------------------------------------------
 
-_UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
 
-
-def _safe_name(name: str) -> str:
-    name = _UNSAFE.sub("_", name).strip(" .")
-    return name or "attachment"
+def _safe_name(name: str, charset: str = "utf-8") -> str:
+    """A member or zip name: hidden characters dropped, slashes and look-alikes, controls and
+    reserved punctuation as "_", at most 255 bytes in `charset` with the extension kept."""
+    return fit_name(clean_name(name), charset)
 
 
 def _stem(filename: str) -> str:
@@ -155,12 +161,15 @@ def _stem(filename: str) -> str:
     return stem if dot and stem else base
 
 
+_WORD = 68  # an encoded word on its own folded line: ' name="' + word stays within 78
+
+
 def _encoded_word(text: str) -> list[str]:
-    """RFC 2047 B-words of ≤ 75 chars, split on character boundaries (Outlook reads name=)."""
+    """RFC 2047 B-words of ≤ 68 chars, split on character boundaries (Outlook reads name=)."""
     words: list[str] = []
     cur = ""
     for ch in text:
-        if len(base64.b64encode((cur + ch).encode("utf-8"))) > 75 - 12:
+        if cur and len(base64.b64encode((cur + ch).encode("utf-8"))) > _WORD - 12:
             words.append(cur)
             cur = ""
         cur += ch
@@ -173,10 +182,14 @@ def part_headers(zip_name: str, nl: bytes) -> bytes:
     """Content-Type/-Disposition of the zip part, readable by Outlook, Thunderbird and the stdlib.
 
     RFC 2231 filename* (the standard) in Content-Disposition, RFC 2047 in name= (what Outlook
-    and older Japanese clients read), as Thunderbird writes them; ASCII names stay plain.
+    and older Japanese clients read), as Thunderbird writes them; short ASCII names stay plain.
+    A long name is folded: RFC 2231 continuations (filename*0*=, filename*1*=, …) and one
+    encoded word per line, every line within 78 octets (RFC 5322 2.1.1), never a 10 000-octet
+    header line.
     """
     sep = nl + b" "
-    if zip_name.isascii():
+    plain = f'Content-Disposition: attachment; filename="{zip_name}"'
+    if zip_name.isascii() and len(plain) + zip_name.count('"') + zip_name.count("\\") <= 78:
         q = zip_name.replace("\\", "\\\\").replace('"', '\\"')
         ct = f'Content-Type: application/zip; name="{q}"'.encode("ascii")
         cd = f'Content-Disposition: attachment; filename="{q}"'.encode("ascii")
@@ -190,7 +203,8 @@ def part_headers(zip_name: str, nl: bytes) -> bytes:
             + b'"'
         )
         pct = quote(zip_name.encode("utf-8"), safe="")
-        chunks = [pct[i : i + 60] for i in range(0, len(pct), 60)]
+        # ' filename*NN*=' (≤ 15) or " filename*0*=UTF-8''" (20) + 54 + ";" ≤ 78
+        chunks = [pct[i : i + 54] for i in range(0, len(pct), 54)]
         # don't split a %XX escape across continuations
         fixed: list[str] = []
         carry = ""
@@ -269,8 +283,13 @@ class ZipAttachments:
         if not chosen:
             return Rewritten(raw, trace="zip: nothing to zip" + _why(skipped))
 
+        charset = opts.filename_charset
         names = _unique(
-            [_safe_name(p.filename or f"attachment{i + 1}") for i, (p, _) in enumerate(chosen)]
+            [
+                _safe_name(p.filename or f"attachment{i + 1}", charset)
+                for i, (p, _) in enumerate(chosen)
+            ],
+            charset,
         )
         if opts.scan is not None:
             for (_, data), name in zip(chosen, names, strict=True):
@@ -327,15 +346,14 @@ def _why(skipped: list[str]) -> str:
     return f"; skipped: {', '.join(skipped)}" if skipped else ""
 
 
-def _unique(names: list[str]) -> list[str]:
+def _unique(names: list[str], charset: str = "utf-8") -> list[str]:
     seen: set[str] = set()
     out = []
     for n in names:
         cand, k = n, 1
         while cand.lower() in seen:
             k += 1
-            stem, dot, ext = n.rpartition(".")
-            cand = f"{stem} ({k}).{ext}" if dot and stem else f"{n} ({k})"
+            cand = fit_name(n, charset, tail=f" ({k})")  # still within 255 bytes
         seen.add(cand.lower())
         out.append(cand)
     return out
@@ -359,8 +377,11 @@ def _zip_name(opts: ZipOptions, names: list[str], date: datetime) -> str:
         name = tpl.format(stem=_stem(names[0]), date=date.strftime("%Y%m%d"), count=len(names))
     except (KeyError, IndexError, ValueError):
         name = f"{_stem(names[0])}.zip"
-    name = _safe_name(name)
-    return name if name.lower().endswith(".zip") else name + ".zip"
+    name = clean_name(name)
+    if not name.lower().endswith(".zip"):
+        name += ".zip"
+    # the zip's own name obeys the member rules (it is also a file name at the recipient)
+    return fit_name(name, "utf-8", limit=MAX_NAME)
 
 
 def _notice(

@@ -13,6 +13,14 @@ RCPTs we can no longer refuse one recipient alone:
   refused recipients, so the sender's bounce says exactly who was refused (no recipient vanishes);
 * all refused → the first refusal's code and text.
 
+International addresses (RFC 6531): an envelope with a non-ASCII address (`山田@example.co.jp`)
+goes out with SMTPUTF8 whether or not the caller asked for it (the guard's own notices to such
+a sender do not), when the upstream offers it; when it does not, the answer is
+`550 5.6.7` before anything is sent — permanent, so neither Postfix nor the notice scheduler
+retries for days something no retry can fix. An address with a control character (CR/LF would
+inject a command into the upstream session) is refused with `553 5.1.3`. `send` never raises
+for either.
+
 aiosmtplib's `sendmail` re-normalises line endings and dot-stuffs with regexes over the whole
 message (≈ 30 ms per MiB, twice for SIZE); we already hold the dot-stuffed wire form the client
 sent, so DATA writes those bytes as they are, or stuffs a changed message in one pass.
@@ -33,6 +41,7 @@ import asyncio
 import contextlib
 import logging
 import mmap
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,6 +50,7 @@ import aiosmtplib
 from aiosmtplib.errors import SMTPServerDisconnected
 
 from mailguard.envelope import Envelope, Reply
+from mailguard.logfmt import safe_id
 
 log = logging.getLogger("mailguard.relay")
 
@@ -49,6 +59,18 @@ OpenHook = Callable[[int], None]
 
 _CHUNK = 1 << 20
 UPSTREAM_DOWN = "4.4.1 MailGuard: upstream MTA unavailable, try again later"
+NO_SMTPUTF8 = Reply(
+    550,
+    "5.6.7 MailGuard: the envelope has a non-ASCII address and the upstream MTA does not "
+    "offer SMTPUTF8 (RFC 6531)",
+)
+BAD_ADDRESS = Reply(553, "5.1.3 MailGuard: control character in an envelope address")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def needs_smtputf8(env: Envelope) -> bool:
+    """True when an envelope address is not ASCII (RFC 6531: only SMTPUTF8 carries it)."""
+    return not env.mail_from.isascii() or not all(r.isascii() for r in env.rcpt_tos)
 
 
 def dot_stuff(content: bytes | mmap.mmap, *, chunk: int = _CHUNK) -> Iterator[bytes]:
@@ -282,7 +304,7 @@ class SmtpTransport:
     def _conn_error(self, env: Envelope, e: BaseException, *, counted: bool = False) -> None:
         log.warning(
             "%s: upstream %s:%s: %s: %s",
-            env.queue_id,
+            safe_id(env.queue_id),
             self.host,
             self.port,
             type(e).__name__,
@@ -311,6 +333,20 @@ class SmtpTransport:
     ) -> Reply | None:
         """MAIL, RCPT…, DATA; a Reply when the transaction ends here, None to send the data."""
         smtp = conn.smtp
+        if _CONTROL.search(env.mail_from) or any(_CONTROL.search(r) for r in env.rcpt_tos):
+            log.warning(
+                "%s: control character in an envelope address: refused", safe_id(env.queue_id)
+            )
+            return BAD_ADDRESS
+        utf8 = needs_smtputf8(env)
+        if utf8 and not conn.smtputf8:
+            log.warning(
+                "%s: non-ASCII envelope address, upstream %s:%s has no SMTPUTF8: refused",
+                safe_id(env.queue_id),
+                self.host,
+                self.port,
+            )
+            return NO_SMTPUTF8
         opts: list[str] = []
         if conn.size:
             opts.append(f"SIZE={len(wire) if wire is not None else len(raw)}")
@@ -318,6 +354,8 @@ class SmtpTransport:
             up = o.upper()
             if (up == "BODY=8BITMIME" and conn.eightbit) or (up == "SMTPUTF8" and conn.smtputf8):
                 opts.append(up)
+        if utf8 and "SMTPUTF8" not in opts:
+            opts.append("SMTPUTF8")
         encoding = "utf-8" if "SMTPUTF8" in opts else "ascii"
         try:
             if conn.xforward and env.xforward:
@@ -327,7 +365,10 @@ class SmtpTransport:
                 r = await smtp.execute_command(b"XFORWARD", *args)
                 if r.code != 250:
                     log.info(
-                        "%s: upstream refused XFORWARD: %s %s", env.queue_id, r.code, r.message
+                        "%s: upstream refused XFORWARD: %s %s",
+                        safe_id(env.queue_id),
+                        r.code,
+                        r.message,
                     )
             # straight commands: the envelope was parsed by our front already, and aiosmtplib's
             # mail()/rcpt() re-parse each address with the email package (≈ 80 µs each)
@@ -411,4 +452,4 @@ def _refusal_reply(refused: list[tuple[str, int, str]], total: int) -> Reply:
     )
 
 
-__all__ = ["ConnectErrorHook", "OpenHook", "SmtpTransport", "dot_stuff"]
+__all__ = ["ConnectErrorHook", "OpenHook", "SmtpTransport", "dot_stuff", "needs_smtputf8"]
