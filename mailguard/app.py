@@ -158,7 +158,9 @@ class Service:
         self.upstream = Upstream(make_transport(cfg, m))
         self.store = SqliteStore(cfg.store.path)
         await self.store.open()
-        self.queue = HoldService(self.store, public_url=public_url(cfg), lang=cfg.notify.lang)
+        self.queue = HoldService(
+            self.store, public_url=public_url(cfg), lang=cfg.notify.lang, admin=cfg.notify.admin
+        )
         self.pipeline = Pipeline(
             self.policy,
             self.lookups,
@@ -300,6 +302,8 @@ class Service:
         self.front.reload(cfg)
         self.pipeline.policy = policy
         self.pipeline.settings = settings_for(cfg)
+        if self.queue is not None:
+            self.queue.admin = cfg.notify.admin
         if cfg.upstream != old.upstream or cfg.smtp.hostname != old.smtp.hostname:
             await self.upstream.swap(make_transport(cfg, m))
         if m is not None:
@@ -371,6 +375,7 @@ def settings_for(cfg: Config) -> Settings:
         lang=cfg.notify.lang,
         log_addresses=cfg.log.log_addresses,
         json_log=cfg.log.json,
+        notify_senders=cfg.notify.senders,
     )
 
 

@@ -152,6 +152,13 @@ class NotifyConfig:
     charset: str = "utf-8"  # or "iso-2022-jp"
     lang: str = "ja"  # default language of notices: ja, en, or "ja+en" (both)
     templates: str = ""  # a directory overriding the shipped templates
+    # Notices (links, outcomes, zip passwords, bounces) go only to senders the organisation owns:
+    # MAIL FROM in the policy's internal domains or matching one of these patterns
+    # (case-insensitive, shell-style: "*@example.co.jp", "noreply@partner.example").
+    senders: tuple[str, ...] = ()
+    # Where the notice goes instead for a null or foreign MAIL FROM (the message stays held);
+    # "" = nobody is told (logged; `mailguard queue list` shows the message).
+    admin: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,12 +18,14 @@ import re
 import time
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
+from fnmatch import fnmatchcase
 from mmap import mmap
 from typing import TYPE_CHECKING, Protocol
 
 from mailguard.actions import apply_all
 from mailguard.actions.base import Notice, Rewritten
 from mailguard.analysis import Analysis, analyze_view
+from mailguard.checks.context import Org
 from mailguard.checks.finding import Finding
 from mailguard.checks.recipients import party
 from mailguard.envelope import TEMPFAIL, Envelope, Reply
@@ -61,6 +63,8 @@ class Settings:
     lang: str = "ja"  # notices, when the policy names no language
     log_addresses: bool = False
     json_log: bool = False
+    # MAIL FROM patterns the organisation owns besides its internal domains (notify.senders)
+    notify_senders: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -180,7 +184,9 @@ class Pipeline:
         """Relay inside the transaction; parked notices go out only if the upstream took it."""
         if after:
             assert self.queue is not None
-            await self.queue.park_notices(t.id, after)  # StoreError → 451, nothing sent
+            await self.queue.park_notices(  # StoreError → 451, nothing sent
+                t.id, after, mail_from=t.env.mail_from, notify_sender=self._owns(t.env.mail_from)
+            )
         accepted = False
         try:
             reply = await self.relay.send(t.env, raw, wire=wire)
@@ -220,6 +226,7 @@ class Pipeline:
             lang=lang,
             why=", ".join(decision.rules) or "policy",
             after_delivery=after,
+            notify_sender=self._owns(t.env.mail_from),
         )
         if not splits:
             return await self.queue.keep(t.env, raw, req)
@@ -241,6 +248,10 @@ class Pipeline:
             if not reply.ok:
                 break  # 451: the client retries; parts already kept may go twice
         return reply
+
+    def _owns(self, mail_from: str) -> bool:
+        """The organisation owns this envelope sender: the guard's notices may go to it."""
+        return owns_sender(mail_from, self.policy.org, self.settings.notify_senders)
 
     # -- the second half: released by the queue → upstream -----------------------------------
 
@@ -326,6 +337,20 @@ def correlation_id(queue_id: str, reply: Reply) -> str:
     return m[1] if m else queue_id
 
 
+def owns_sender(mail_from: str, org: Org, patterns: tuple[str, ...] = ()) -> bool:
+    """MAIL FROM is an address of the organisation: an internal domain of the policy, or one of
+    the `notify.senders` patterns (shell-style, case-insensitive). A null sender is nobody's."""
+    if not mail_from.strip("<> "):
+        return False
+    addr = parse_envelope([mail_from])[0]
+    if not addr.domain or not addr.local:
+        return False
+    if org.is_internal(addr.domain.lower()):
+        return True
+    forms = {f"{addr.local}@{addr.domain}".lower(), mail_from.strip("<> ").lower()}
+    return any(fnmatchcase(f, p.lower()) for p in patterns for f in forms)
+
+
 def _rewrite(raw: bytes, view: MessageView, decision: Decision) -> Rewritten:
     env = view.envelope
 
@@ -401,4 +426,13 @@ def _size(view: MessageView, p: Part) -> int:
     return chars * 3 // 4
 
 
-__all__ = ["Content", "Pipeline", "Relay", "Settings", "Trace", "analyze", "summarize"]
+__all__ = [
+    "Content",
+    "Pipeline",
+    "Relay",
+    "Settings",
+    "Trace",
+    "analyze",
+    "owns_sender",
+    "summarize",
+]

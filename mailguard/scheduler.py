@@ -11,7 +11,9 @@ message, and only for a crash inside that window (one SQLite commit long). Lease
 any delivery can take (upstream data_timeout), so a live worker never loses its lease.
 
 Upstream 4xx / connection trouble → back to released with exponential back-off (base · 2^(n-1),
-capped); 5xx, or still failing `max_age` after release → failed + RFC 3464 bounce to the sender.
+capped); 5xx, or still failing `max_age` after release → failed + RFC 3464 bounce to the sender
+— to the sender the organisation owns only: for a null sender (a bounce of a bounce, as Postfix's
+double bounce) or a foreign one it goes to the admin (`notify.admin`, stored with the message).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from mailguard.envelope import Envelope, Reply
 from mailguard.notify.render import Notifier
 from mailguard.queue.dsn import build_dsn, header_block
-from mailguard.queue.service import outcome_notice
+from mailguard.queue.service import outcome_notice, route_of
 from mailguard.queue.store import (
     Held,
     HeldStore,
@@ -276,7 +278,8 @@ class Scheduler:
     ) -> None:
         last = f"{reply.code} {reply.text}"[:500]
         notices: list[NewNotice] = []
-        if held.mail_from:  # never bounce a bounce
+        to, why = route_of(held)  # never bounce a bounce, nor to a forged sender: the admin
+        if to:
             data: dict[str, Any] = {
                 "id": held.id,
                 "rcpts": list(held.rcpt_tos),
@@ -285,10 +288,10 @@ class Scheduler:
                 "arrival": held.created.isoformat(),
                 "last_attempt": now.isoformat(),
                 "headers_b64": base64.b64encode(header_block(raw)).decode(),
+                "sender": held.mail_from,
+                "about": why,  # "" = to the sender; else why the admin gets it
             }
-            notices.append(
-                NewNotice("dsn", (held.mail_from,), data, now, null_sender=True, msg_id=held.id)
-            )
+            notices.append(NewNotice("dsn", (to,), data, now, null_sender=True, msg_id=held.id))
         await self.store.move(
             held.id,
             State.FAILED,
@@ -302,7 +305,9 @@ class Scheduler:
         log.warning(
             "%s: failed, bounce %s: %s",
             held.id,
-            "queued" if notices else "not possible (null sender)",
+            ("queued" + (f" for the admin ({why})" if why else ""))
+            if notices
+            else f"not sent ({why}, no notify.admin)",
             last,
         )
 
@@ -323,6 +328,7 @@ class Scheduler:
                 last_attempt=datetime.fromisoformat(d["last_attempt"]),
                 original_headers=base64.b64decode(d["headers_b64"]),
                 remote_mta=self.remote_mta,
+                note=_admin_note(str(d.get("about") or ""), str(d.get("sender") or "")),
             )
             return self.notifier.seal("dsn", raw)
         lang = n.data.get("lang") or None
@@ -366,3 +372,12 @@ class Scheduler:
                 "deferred" if retry else "failed",
                 last,
             )
+
+
+def _admin_note(why: str, sender: str) -> str:
+    """The DSN's line for the admin: why they, not the sender, get it."""
+    if why == "null-sender":
+        return "To the admin: the message had a null sender (MAIL FROM:<>)."
+    if why:
+        return f"To the admin: the sender {sender!r} is not one the organisation owns ({why})."
+    return ""

@@ -9,7 +9,13 @@ snippets are used exactly as shipped, adapted only where a test must differ from
   (`127.0.0.1:10026`) move to free loopback ports; each substitution must match exactly once,
   so a changed snippet fails the test instead of silently testing something else;
 * the submission entry gets no TLS/SASL (no certificates here), loopback clients instead, set
-  with `postconf -P` as deploy/container/postfix/configure.sh does;
+  with `postconf -P` as deploy/container/postfix/configure.sh does; its
+  smtpd_sender_login_maps (`$config_directory/sender_logins`) is written from `sender_logins`
+  (empty by default) and postmapped. Without SASL, Postfix skips reject_sender_login_mismatch
+  altogether, so `own_senders` (domains or addresses) puts a static
+  `check_sender_access hash:sender_access` (listed → OK) followed by `reject` in front of it:
+  a MAIL FROM outside the organisation is refused at submission, as the login map does for
+  logged-in users in production;
 * all final delivery goes to a local sink (`relayhost`), never anywhere else.
 
 Needs root (Postfix's master runs as root) and Debian's `postfix` package. Pitfalls handled
@@ -119,6 +125,10 @@ class PostfixInstance:
     # gateway with their own port adapter; submission 0 = the set-up has no submission entry
     snippets: Path = SNIPPETS
     adapt: Callable[..., str] = adapt_master_snippet
+    # smtpd_sender_login_maps: MAIL FROM address -> owning login(s)
+    sender_logins: dict[str, str] = field(default_factory=dict)
+    # without SASL: the MAIL FROM domains/addresses submission accepts (empty = any)
+    own_senders: tuple[str, ...] = ()
 
     @property
     def config(self) -> Path:
@@ -206,6 +216,9 @@ append_dot_mydomain = no
             reinject=self.reinject,
         )
         (self.config / "master.cf").write_text(BASE_MASTER_CF + "\n" + master, encoding="utf-8")
+        logins = self.config / "sender_logins"
+        logins.write_text("".join(f"{a} {u}\n" for a, u in self.sender_logins.items()))
+        self._ok("postmap", "-c", str(self.config), f"hash:{logins}")
         svc = f"127.0.0.1:{self.submission}/inet"
         if self.submission:
             self._ok(
@@ -217,6 +230,18 @@ append_dot_mydomain = no
                 f"{svc}/smtpd_sasl_auth_enable=no",
                 f"{svc}/smtpd_client_restrictions=permit_mynetworks,reject",
                 f"{svc}/smtpd_relay_restrictions=permit_mynetworks,reject",
+            )
+        if self.submission and self.own_senders:
+            access = self.config / "sender_access"
+            access.write_text("".join(f"{a} OK\n" for a in self.own_senders))
+            self._ok("postmap", "-c", str(self.config), f"hash:{access}")
+            self._ok(
+                "postconf",
+                "-c",
+                str(self.config),
+                "-P",
+                f"{svc}/smtpd_sender_restrictions=check_sender_access,hash:{access},"
+                "reject_sender_login_mismatch,reject",
             )
         self.maillog.touch(mode=0o644)
         warnings = self._ok("postfix", "-c", str(self.config), "check")

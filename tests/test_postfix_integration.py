@@ -160,7 +160,11 @@ class Rig:
 @pytest.fixture(scope="module")
 def rig(workdir: Path, sink: ThreadSink) -> Iterator[Rig]:
     pf = PostfixInstance(
-        submission=free_port(), filter_port=free_port(), reinject=free_port(), sink=sink.port
+        submission=free_port(),
+        filter_port=free_port(),
+        reinject=free_port(),
+        sink=sink.port,
+        own_senders=("example.co.jp",),
     )
     mg = MailGuard(workdir, pf.filter_port, pf.reinject)
     try:
@@ -354,3 +358,43 @@ def test_held_message_waits_then_arrives_after_release(rig: Rig) -> None:
     assert out.returncode == 0, out.stderr
     got = wait_arrival(rig, mid)
     assert split(got)[1] == split(raw)[1]
+
+
+# -- submission: a forged MAIL FROM is refused (issue 12 item 2) -----------------------------
+
+FORGED = "victim@thirdparty.example"
+
+
+def submit_reply(rig: Rig, mail_from: str, raw: bytes) -> tuple[int, str]:
+    """One submission without AUTH: the first refusal, or the reply to DATA."""
+    with smtplib.SMTP("127.0.0.1", rig.postfix.submission, timeout=30) as s:
+        s.ehlo("client.mg-test.invalid")
+        code, resp = s.mail(mail_from, ["BODY=8BITMIME"])
+        if code == 250:
+            code, resp = s.rcpt(RCPT)
+        if code in (250, 251):
+            code, resp = s.data(raw)
+        return code, resp.decode("utf-8", "replace")
+
+
+def test_submission_refuses_a_forged_mail_from(rig: Rig) -> None:
+    """A third party's address as MAIL FROM is refused by Postfix at submission (nothing reaches
+    MailGuard or the sink); the organisation's address still goes through. The private
+    instance has no SASL, and Postfix skips reject_sender_login_mismatch without SASL, so the
+    refusal comes from a static check_sender_access map of the organisation's domain followed
+    by `reject` (tests/postfix_support.py `own_senders`), with the shipped
+    smtpd_sender_login_maps / reject_sender_login_mismatch lines in place and the map built;
+    in production the login map refuses the same MAIL FROM for a logged-in user."""
+    mid, raw = make_message(FORGED, "forged")
+    code, text = submit_reply(rig, FORGED, raw)
+    assert code == 554 and "Sender address rejected: Access denied" in text, f"{code} {text}"
+    rig.postfix.wait_log(re.escape(f"<{FORGED}>: Sender address rejected"), 10, "the refusal")
+    mid2, raw2 = make_message(CLEAN_SENDER, "own-sender")
+    code, text = submit_reply(rig, CLEAN_SENDER, raw2)
+    assert code == 250, f"{code} {text}"
+    wait_arrival(rig, mid2)
+    assert not arrived(rig, mid)
+    assert (
+        "smtpd_sender_login_maps=hash:$config_directory/sender_logins"
+        in (rig.postfix.config / "master.cf").read_text()
+    )

@@ -44,8 +44,10 @@ def build_dsn(
     last_attempt: datetime,
     original_headers: bytes,
     remote_mta: str = "",
+    note: str = "",
 ) -> bytes:
-    """The DSN as bytes (CRLF). The caller sends it with the null envelope sender."""
+    """The DSN as bytes (CRLF). The caller sends it with the null envelope sender. `note`: a
+    line for the admin when the DSN goes to them instead of the sender (ASCII, no CR/LF)."""
     boundary = "=_mailguard_" + secrets.token_hex(12)
     status = status_of(code, text)
     diag = _xtext_safe(f"{code} {text}")
@@ -58,7 +60,7 @@ def build_dsn(
         "the recipients below. It has NOT been sent.\r\n\r\n"
         + "".join(f"  <{r}>\r\n" for r in rcpts)
         + f"\r\n  {diag}\r\n\r\n"
-        f"  ID: {msg_id}\r\n"
+        f"  ID: {msg_id}\r\n" + (f"\r\n  {_xtext_safe(note)}\r\n" if note else "")
     )
     human_b64 = base64.encodebytes(human.encode("utf-8")).replace(b"\n", b"\r\n")
     per_msg = (

@@ -4,6 +4,14 @@
 transaction and only then answers 250: a notice that cannot be sent right now is retried by the
 scheduler, so a mail-server hiccup never leaves a message waiting for a link nobody received.
 
+Who is told: notices go to the envelope sender only when the organisation owns it (the pipeline
+says so in `KeepRequest.notify_sender`: internal domain or `notify.senders`). A null sender
+(`MAIL FROM:<>`) or a foreign one never gets the guard's mail — that would make the guard a
+backscatter and phishing relay with the company's name on it; the message stays held and the admin
+(`notify.admin`) gets the link instead, in a notice whose kind says why (`null-sender`,
+`unowned-sender`). The choice is stored with the message (`decision["notify"]`), so its outcome
+notices and its bounce later go to the same place.
+
 Tokens are `secrets.token_urlsafe(24)` (192 random bits); only their SHA-256 is stored. The link
 itself exists in the database only inside the pending notice that carries it, and is scrubbed as
 soon as that notice has been handed to the upstream MTA.
@@ -69,6 +77,68 @@ class KeepRequest:
     why: str = "policy"  # audit: the rules that fired
     # zip passwords and the like: parked, sent only once this message was accepted upstream
     after_delivery: tuple[NewNotice, ...] = ()
+    # the organisation owns the envelope sender (internal domain or notify.senders): notices may
+    # go to it; False (or a null sender) = they go to the admin instead
+    notify_sender: bool = True
+
+
+NULL_SENDER = "null-sender"  # notice kinds for the admin: why the sender is not told
+UNOWNED_SENDER = "unowned-sender"
+ADMIN_KINDS = (NULL_SENDER, UNOWNED_SENDER)
+
+
+def notify_route(mail_from: str, notify_sender: bool, admin: str) -> dict[str, str]:
+    """Who gets the notices about a message: {"to": address or "", "why": "" | kind}."""
+    if not mail_from:
+        return {"to": admin, "why": NULL_SENDER}
+    if not notify_sender:
+        return {"to": admin, "why": UNOWNED_SENDER}
+    return {"to": mail_from, "why": ""}
+
+
+def route_of(held: Held) -> tuple[str, str]:
+    """(address, why) stored with the message at keep time; rows kept before the route was
+    stored: the sender (a null sender: nobody)."""
+    r = held.decision.get("notify")
+    if isinstance(r, Mapping):
+        return str(r.get("to") or ""), str(r.get("why") or "")
+    return held.mail_from, "" if held.mail_from else NULL_SENDER
+
+
+def addressed(kind: str, data: Mapping[str, Any], why: str) -> tuple[str, dict[str, Any]]:
+    """A notice meant for the sender, as it goes out: unchanged for an owned sender, else the
+    admin's kind (`null-sender` / `unowned-sender`) with the sender's kind in data["about"]."""
+    if not why:
+        return kind, dict(data)
+    shown = "".join(
+        c if c.isprintable() else f"\\u{ord(c):04x}" for c in str(data.get("sender") or "")
+    )
+    return why, {**data, "about": kind, "sender_shown": shown[:320]}
+
+
+def redirect_notices(
+    notices: Sequence[NewNotice], mail_from: str, notify_sender: bool, admin: str
+) -> list[NewNotice]:
+    """Notices a transform addressed to the envelope sender (zip passwords), re-addressed when
+    the sender may not be told: to the admin, or dropped when there is none. Notices to others
+    (passwords to the recipients, as the policy says) are unchanged."""
+    route = notify_route(mail_from, notify_sender, admin)
+    if not route["why"]:
+        return list(notices)
+    sender = mail_from.lower()
+    out: list[NewNotice] = []
+    for n in notices:
+        if not any(not t or t.lower() == sender for t in n.to):
+            out.append(n)
+            continue
+        if not route["to"]:
+            log.warning(
+                "%s: %s for a %s withdrawn: no notify.admin", n.msg_id, n.kind, route["why"]
+            )
+            continue
+        kind, data = addressed(n.kind, {**n.data, "sender": mail_from}, route["why"])
+        out.append(replace(n, kind=kind, to=(route["to"],), data=data))
+    return out
 
 
 def notice_data(held: Held, lang: str, **extra: Any) -> dict[str, Any]:
@@ -88,11 +158,15 @@ def notice_data(held: Held, lang: str, **extra: Any) -> dict[str, Any]:
 def outcome_notice(
     held: Held, outcome: str, *, now: datetime, lang: str = "", by: str = "", why: str = ""
 ) -> list[NewNotice]:
-    """Tell the sender what became of the message (null envelope sender: nothing answers it)."""
-    if not held.mail_from:
+    """Tell the sender what became of the message (null envelope sender: nothing answers it);
+    a sender the organisation does not own is never told: the admin is (`route_of`)."""
+    to, reason = route_of(held)
+    if not to:
         return []
-    data = notice_data(held, lang, outcome=outcome, by=by, why=why)
-    return [NewNotice("outcome", (held.mail_from,), data, now, null_sender=True, msg_id=held.id)]
+    kind, data = addressed(
+        "outcome", notice_data(held, lang, outcome=outcome, by=by, why=why), reason
+    )
+    return [NewNotice(kind, (to,), data, now, null_sender=True, msg_id=held.id)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +189,14 @@ def allowed_actions(info: TokenInfo, held: Held) -> tuple[str, ...]:
 
 
 def _new_held(
-    env: Envelope, raw: bytes, req: KeepRequest, now: datetime, due: datetime, *, gate: Gate
+    env: Envelope,
+    raw: bytes,
+    req: KeepRequest,
+    now: datetime,
+    due: datetime,
+    *,
+    gate: Gate,
+    admin: str = "",
 ) -> Held:
     return Held(
         id=req.id,
@@ -133,7 +214,12 @@ def _new_held(
             "xforward": dict(env.xforward),
             "client_addr": env.client_addr,
         },
-        decision={**req.decision, "lang": req.lang, "allow_send_now": req.allow_send_now},
+        decision={
+            **req.decision,
+            "lang": req.lang,
+            "allow_send_now": req.allow_send_now,
+            "notify": notify_route(env.mail_from, req.notify_sender, admin),
+        },
         summary=dict(req.summary),
         size=len(raw),
     )
@@ -151,8 +237,10 @@ class HoldService:
         clock: Callable[[], datetime] = utcnow,
         lang: str = "ja",
         waits: Mapping[Gate, timedelta] | None = None,
+        admin: str = "",
     ) -> None:
         self.store = store
+        self.admin = admin  # notices for null and foreign senders go here ("" = nobody)
         self.public_url = public_url.rstrip("/")
         self.clock = clock
         self.lang = lang  # notices whose policy names no language
@@ -170,9 +258,9 @@ class HoldService:
         try:
             now = self.clock()
             due = now + (req.wait or self.waits[req.gate])
-            held = _new_held(env, raw, req, now, due, gate=req.gate)
+            held = _new_held(env, raw, req, now, due, gate=req.gate, admin=self.admin)
             tokens, notices = self._links(held, req, now)
-            parked = [replace(n, msg_id=held.id) for n in req.after_delivery]
+            parked = self._parked(held.id, req.after_delivery, env.mail_from, req.notify_sender)
             await self.store.put(held, raw, tokens, [*notices, *parked], by="smtp", why=req.why)
         except Exception:
             log.exception("%s: store write failed, answering 451", req.id)
@@ -205,8 +293,8 @@ class HoldService:
             now = self.clock()
             for i, (env, raw, notices) in enumerate(parts, 1):
                 part = replace(req, id=f"{req.id}.{i}")
-                held = _new_held(env, raw, part, now, now, gate=Gate.HOLD)
-                parked = [replace(n, msg_id=held.id) for n in notices]
+                held = _new_held(env, raw, part, now, now, gate=Gate.HOLD, admin=self.admin)
+                parked = self._parked(held.id, notices, env.mail_from, req.notify_sender)
                 await self.store.put(held, raw, [], parked, by="smtp", why="split delivery")
                 ids.append(held.id)
         except Exception:
@@ -222,34 +310,58 @@ class HoldService:
         notices: list[NewNotice] = []
         lang = req.lang or self.lang
 
-        def add(role: str, who: str, kind: str, null: bool = False, **more: Any) -> None:
+        def add(role: str, who: str, kind: str, why: str = "", **more: Any) -> None:
             tok, h = new_token()
             tokens.append(NewToken(h, role, who, held.due))
-            data = notice_data(held, lang, url=self.link(tok), **more)
-            notices.append(NewNotice(kind, (who,), data, now, null_sender=null, msg_id=held.id))
+            kind, data = addressed(kind, notice_data(held, lang, url=self.link(tok), **more), why)
+            notices.append(NewNotice(kind, (who,), data, now, msg_id=held.id))
 
         if req.gate == Gate.APPROVE:
             for a in req.approvers:
                 add("approver", a, "approval-request")
             if not req.approvers:
                 log.warning("%s: needs approval but names no approver", held.id)
-        sender = held.mail_from
-        if not sender:
-            log.warning("%s: has no sender to notify (null sender)", held.id)
-        elif req.gate == Gate.HOLD:
-            add("sender", sender, "held", allow_send_now=req.allow_send_now)
+        # the sender's link goes to the sender only if the organisation owns it, else the admin
+        to, why = route_of(held)
+        if why:
+            log.warning(
+                "%s: %s: the sender is not told; %s",
+                held.id,
+                why,
+                f"the admin gets the link ({to})" if to else "no notify.admin: nobody is told",
+            )
+        if not to:
+            return tokens, notices
+        if req.gate == Gate.HOLD:
+            add("sender", to, "held", why, allow_send_now=req.allow_send_now)
         elif req.gate == Gate.CONFIRM:
-            add("sender", sender, "confirm")
+            add("sender", to, "confirm", why)
         else:
-            add("sender", sender, "approval-pending", approvers=list(req.approvers))
+            add("sender", to, "approval-pending", why, approvers=list(req.approvers))
         return tokens, notices
 
-    async def park_notices(self, msg_id: str, notices: Sequence[NewNotice]) -> None:
+    def _parked(
+        self, msg_id: str, notices: Sequence[NewNotice], mail_from: str, notify_sender: bool
+    ) -> list[NewNotice]:
+        rows = redirect_notices(notices, mail_from, notify_sender, self.admin)
+        return [replace(n, msg_id=msg_id) for n in rows]
+
+    async def park_notices(
+        self,
+        msg_id: str,
+        notices: Sequence[NewNotice],
+        *,
+        mail_from: str | None = None,
+        notify_sender: bool = True,
+    ) -> None:
         """Durably park notices (zip passwords) of a message about to be relayed in-transaction.
+        Those addressed to a null or foreign `mail_from` go to the admin instead (`_links`).
 
         Raises StoreError: the caller answers 451 rather than send mail whose password is lost.
         Then exactly one of `release_parked` (the upstream accepted it) or `drop_parked`.
         """
+        if mail_from is not None:
+            notices = redirect_notices(notices, mail_from, notify_sender, self.admin)
         if not notices:
             return
         rows = [replace(n, msg_id=msg_id) for n in notices]

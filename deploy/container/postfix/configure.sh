@@ -38,6 +38,9 @@ sed -e 's/scan:\[127\.0\.0\.1\]:10025/scan:[mailguard]:10025/' \
 # No chroot (it would lack /etc/resolv.conf for the name "mailguard"); demo submission
 # without TLS/SASL, open to the private networks only.
 postconf -c "$CONF" -F '*/*/chroot = n'
+# The submission entry's smtpd_sender_login_maps: empty here (no SASL logins in the demo).
+: > "$CONF/sender_logins"
+postmap -c "$CONF" "hash:$CONF/sender_logins"
 postconf -c "$CONF" -P \
   'submission/inet/smtpd_tls_security_level=none' \
   'submission/inet/smtpd_sasl_auth_enable=no' \
