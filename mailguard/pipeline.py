@@ -29,7 +29,6 @@ from mailguard.checks.context import Org
 from mailguard.checks.finding import Finding
 from mailguard.checks.recipients import party
 from mailguard.envelope import TEMPFAIL, Envelope, Reply
-from mailguard.errors import StoreError
 from mailguard.lookups import Lookups, delivery_domains, domains_of
 from mailguard.message import MessageView
 from mailguard.message.addresses import address_key, parse_envelope
@@ -196,8 +195,8 @@ class Pipeline:
                 assert self.queue is not None
                 try:
                     await self.queue.release_parked(t.id)
-                except StoreError:  # the mail is out: answer 250 (a 451 would send it twice)
-                    log.error("%s: delivered, but its password notice could not be released", t.id)
+                except Exception:  # the mail is out: answer 250 (a 451 would send it twice)
+                    log.exception("%s: delivered, but its password could not be released", t.id)
             return reply
         finally:
             if after and not accepted:

@@ -126,3 +126,41 @@ async def test_exception_after_park_sends_no_password_and_answers_451(tmp_path: 
     finally:
         await svc.stop(grace=2)
         sink.stop()
+
+
+@pytest.mark.asyncio
+async def test_release_failure_after_upstream_accepted_still_answers_250(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upstream took the zipped mail, then releasing its password fails (any error): the
+    client must get 250 — a 451 would make Postfix send the mail a second time."""
+    sink = ReceivingSink()
+    pol = tmp_path / "policy.toml"
+    pol.write_text(policy(ZIP), encoding="utf-8")
+    cfg = from_dict(
+        {
+            "smtp": {"listen": f"127.0.0.1:{free_port()}", "hostname": "guard.test"},
+            "upstream": {"address": f"127.0.0.1:{sink.port}", "pool_size": 0},
+            "store": {"path": str(tmp_path / "mg.db")},
+            "policy": {"file": str(pol)},
+            "web": {"enabled": False},
+            "notify": {"sender": "mailguard@ourco.co.jp"},
+        }
+    )
+    svc = Service(cfg)
+    try:
+        await svc.start()
+        assert svc.queue is not None
+
+        async def broken(msg_id: str) -> None:
+            raise RuntimeError("injected: release failed after the upstream's 250")
+
+        monkeypatch.setattr(svc.queue, "release_parked", broken)
+        code, text = await asyncio.to_thread(
+            smtp_send, svc.port, SENDER, [RCPT], message("accepted", False)
+        )
+        assert code == 250, f"{code} {text}"
+        assert len([g for g in sink.snapshot() if not g.notice_kind]) == 1  # delivered once
+    finally:
+        await svc.stop(grace=2)
+        sink.stop()
