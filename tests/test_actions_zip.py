@@ -372,3 +372,34 @@ def test_long_names_fold_per_rfc2231_and_round_trip() -> None:
     with pyzipper.AESZipFile(io.BytesIO(zpart.get_payload(decode=True))) as zf:
         names = zf.namelist()
     assert [len(n.encode()) <= 255 and n.endswith(".pdf") for n in names] == [True, True]
+
+
+def test_forwarded_message_with_a_file_is_zipped_whole() -> None:
+    """A file inside a forwarded message cannot be cut out on its own; leaving it would send it
+    unencrypted after a zip decision. The forwarded message goes into the zip as an .eml."""
+    inner = EmailMessage()
+    inner["From"] = "tanaka@partner.co.jp"
+    inner["To"] = "yamada@example.co.jp"
+    inner["Subject"] = "元のメール"
+    inner.set_content("転送します\n")
+    inner.add_attachment(XLSX_DATA, "application", "octet-stream", filename=XLSX)
+    outer = EmailMessage()
+    outer["From"] = "yamada@example.co.jp"
+    outer["To"] = "tanaka@partner.co.jp"
+    outer["Subject"] = "Fwd: 元のメール"
+    outer.set_content("ご確認ください\n")
+    outer.add_attachment(inner)  # message/rfc822, Content-Disposition: attachment
+    raw = outer.as_bytes(policy=policy.SMTP)
+    res = zip_it(raw)
+    msg = message_from_bytes(res.raw, policy=policy.default)
+    types = [p.get_content_type() for p in msg.walk()]
+    assert "message/rfc822" not in types, types  # nothing of the forward left in clear
+    (z,) = [p for p in msg.walk() if p.get_content_type() == "application/zip"]
+    password = res.notices[0].data["password"]
+    with pyzipper.AESZipFile(io.BytesIO(z.get_payload(decode=True))) as zf:
+        zf.setpassword(password.encode())
+        (name,) = zf.namelist()
+        assert name.endswith(".eml")
+        forwarded = message_from_bytes(zf.read(name), policy=policy.default)
+    (att,) = list(forwarded.iter_attachments())
+    assert att.get_filename() == XLSX and att.get_payload(decode=True) == XLSX_DATA

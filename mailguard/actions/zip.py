@@ -137,10 +137,17 @@ def _all_parts(view: MessageView) -> list[Part]:
     return out
 
 
+_FORWARDS = frozenset({"message/rfc822", "message/global"})
+
+
+def _default_name(p: Part, i: int) -> str:
+    return f"forwarded-{i + 1}.eml" if p.content_type in _FORWARDS else f"attachment{i + 1}"
+
+
 def _inside_message(part: Part, parents: Mapping[int, Part]) -> bool:
     p = parents.get(id(part))
     while p is not None:
-        if p.content_type == "message/rfc822":
+        if p.content_type in _FORWARDS:
             return True
         p = parents.get(id(p))
     return False
@@ -263,7 +270,24 @@ class ZipAttachments:
         parents = {id(c): p for p in parts for c in p.children}
         chosen: list[tuple[Part, bytes]] = []
         skipped: list[str] = []
-        for part in view.attachments:
+        # A forwarded message is enclosed whole (as .eml): the files inside it cannot be cut
+        # out one by one, and leaving them out would send them unencrypted after a zip decision.
+        forwards = [
+            p
+            for p in parts
+            if p.content_type in _FORWARDS
+            and p is not view.root
+            and id(p) in parents
+            and not _inside_message(p, parents)
+        ]
+        for part in sorted([*view.attachments, *forwards], key=lambda p: p.header_start):
+            if part.content_type in _FORWARDS and part in forwards:
+                data = view.body_of(part)
+                if {"mime.decoded_limit", "mime.bad_base64"} & set(part.defects):
+                    skipped.append(f"{part.filename or part.path}: damaged forwarded message")
+                    continue
+                chosen.append((part, data))
+                continue
             if part.role != "attachment" or part is view.root:
                 continue
             if part.path == "" or id(part) not in parents or _inside_message(part, parents):
@@ -286,7 +310,7 @@ class ZipAttachments:
         charset = opts.filename_charset
         names = _unique(
             [
-                _safe_name(p.filename or f"attachment{i + 1}", charset)
+                _safe_name(p.filename or _default_name(p, i), charset)
                 for i, (p, _) in enumerate(chosen)
             ],
             charset,
