@@ -29,6 +29,7 @@ from mailguard.checks.context import Org
 from mailguard.checks.finding import Finding
 from mailguard.checks.recipients import party
 from mailguard.envelope import TEMPFAIL, Envelope, Reply
+from mailguard.logfmt import safe_id
 from mailguard.lookups import Lookups, delivery_domains, domains_of
 from mailguard.message import MessageView
 from mailguard.message.addresses import address_key, parse_envelope
@@ -132,7 +133,9 @@ class Pipeline:
             t.stages["checks"] = time.perf_counter() - t1
             t.reply = await self._act(t, content, wire)
         except Exception as e:
-            log.exception("%s: internal error, answering 451 (queue_id=%s)", t.id, env.queue_id)
+            log.exception(
+                "%s: internal error, answering 451 (queue_id=%s)", t.id, safe_id(env.queue_id)
+            )
             t.reply = TEMPFAIL
             t.error = f"{type(e).__name__}: {e}"
         finally:

@@ -30,6 +30,7 @@ from typing import Any
 from mailguard.envelope import Envelope, Reply
 from mailguard.errors import StoreError
 from mailguard.gate import Gate
+from mailguard.logfmt import safe_id
 from mailguard.queue.store import (
     Held,
     HeldStore,
@@ -271,7 +272,7 @@ class HoldService:
             held.gate,
             req.why,
             due.isoformat(timespec="seconds"),
-            env.queue_id,
+            safe_id(env.queue_id),
         )
         return Reply(
             250,
