@@ -74,6 +74,7 @@ FINDING_CODES: Final = (
     "attachment.encrypted",
     "attachment.unknown",
     "attachment.limit",
+    "attachment.inline",
     "message.malformed",
     "message.limit",
 )
