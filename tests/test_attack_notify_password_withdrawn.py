@@ -70,13 +70,8 @@ def message(subject: str, explode: bool) -> bytes:
     return bytes(m)
 
 
-def kinds(sink: ReceivingSink) -> list[str]:
-    return [g.notice_kind for g in sink.snapshot() if g.notice_kind]
-
-
-@pytest.mark.asyncio
-async def test_exception_after_park_sends_no_password_and_answers_451(tmp_path: Path) -> None:
-    sink = ReceivingSink()
+def zip_service(tmp_path: Path, sink: ReceivingSink) -> Service:
+    """The real service (scheduler, notifier, upstream = `sink`) with the zip-and-pass policy."""
     pol = tmp_path / "policy.toml"
     pol.write_text(policy(ZIP), encoding="utf-8")
     cfg = from_dict(
@@ -89,7 +84,17 @@ async def test_exception_after_park_sends_no_password_and_answers_451(tmp_path: 
             "notify": {"sender": "mailguard@ourco.co.jp"},
         }
     )
-    svc = Service(cfg)
+    return Service(cfg)
+
+
+def kinds(sink: ReceivingSink) -> list[str]:
+    return [g.notice_kind for g in sink.snapshot() if g.notice_kind]
+
+
+@pytest.mark.asyncio
+async def test_exception_after_park_sends_no_password_and_answers_451(tmp_path: Path) -> None:
+    sink = ReceivingSink()
+    svc = zip_service(tmp_path, sink)
     try:
         await svc.start()
         assert svc.pipeline is not None and svc.scheduler is not None
@@ -135,19 +140,7 @@ async def test_release_failure_after_upstream_accepted_still_answers_250(
     """The upstream took the zipped mail, then releasing its password fails (any error): the
     client must get 250 — a 451 would make Postfix send the mail a second time."""
     sink = ReceivingSink()
-    pol = tmp_path / "policy.toml"
-    pol.write_text(policy(ZIP), encoding="utf-8")
-    cfg = from_dict(
-        {
-            "smtp": {"listen": f"127.0.0.1:{free_port()}", "hostname": "guard.test"},
-            "upstream": {"address": f"127.0.0.1:{sink.port}", "pool_size": 0},
-            "store": {"path": str(tmp_path / "mg.db")},
-            "policy": {"file": str(pol)},
-            "web": {"enabled": False},
-            "notify": {"sender": "mailguard@ourco.co.jp"},
-        }
-    )
-    svc = Service(cfg)
+    svc = zip_service(tmp_path, sink)
     try:
         await svc.start()
         assert svc.queue is not None
