@@ -10,12 +10,22 @@ attachments for the bcc/zip rewrite.
 
 from __future__ import annotations
 
+import contextlib
 import email
 import email.policy
 import smtplib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from email.message import EmailMessage
+from pathlib import Path
 
-from tests.postfix_support import SNIPPETS, _sub_once
+from conftest import ThreadSink, free_port
+
+from tests.postfix_support import SNIPPETS, PostfixInstance, _sub_once
+from tests.test_postfix_integration import MailGuard
+
+Adapt = Callable[..., str]
 
 BEFORE_QUEUE = SNIPPETS / "before-queue"
 GATEWAY = SNIPPETS / "gateway"
@@ -124,3 +134,66 @@ def rewrite_message(tag: str) -> tuple[str, bytes]:
 
 def parsed(raw: bytes) -> EmailMessage:
     return email.message_from_bytes(raw, policy=email.policy.default)  # type: ignore[return-value]
+
+
+# -- the rig both one-pass test modules run: private Postfix + `mailguard serve` + a sink --------
+
+DELIVERY_TIMEOUT = 20.0
+
+
+@dataclass
+class Rig:
+    postfix: PostfixInstance
+    mailguard: MailGuard
+    sink: ThreadSink
+
+
+@contextlib.contextmanager
+def one_pass_rig(
+    workdir: Path, policy: str, snippets: Path, adapt: Adapt, *, submission: int
+) -> Iterator[Rig]:
+    """Build and start the private Postfix from `snippets`, MailGuard on its filter port."""
+    sink = ThreadSink()
+    pf = PostfixInstance(
+        submission=submission,
+        filter_port=free_port(),
+        reinject=free_port(),
+        sink=sink.port,
+        snippets=snippets,
+        adapt=adapt,
+    )
+    mg = MailGuard(workdir, pf.filter_port, pf.reinject)
+    mg.policy.write_text(policy, encoding="utf-8")
+    try:
+        pf.build()
+        pf.start()
+        mg.start()
+        yield Rig(pf, mg, sink)
+    finally:
+        mg.stop()
+        pf.stop()
+        sink.stop()
+
+
+def arrived(
+    rig: Rig, needle: str, *, null_sender: bool = False
+) -> list[tuple[str, list[str], bytes]]:
+    return [
+        (frm, rcpts, raw)
+        for frm, rcpts, raw in list(rig.sink.sink.got)
+        if needle.encode() in raw and (frm in ("", "<>")) == null_sender
+    ]
+
+
+def wait_arrival(rig: Rig, needle: str, *, rcpts: list[str] | None = None) -> bytes:
+    deadline = time.monotonic() + DELIVERY_TIMEOUT
+    while True:
+        got = [g for g in arrived(rig, needle) if rcpts is None or g[1] == rcpts]
+        if got:
+            return got[0][2]
+        if time.monotonic() >= deadline:
+            raise AssertionError(
+                f"{needle} did not reach the sink\n--- maillog ---\n{rig.postfix.log_tail()}"
+                f"\n--- mailguard ---\n{rig.mailguard.log()[-3000:]}"
+            )
+        time.sleep(0.1)

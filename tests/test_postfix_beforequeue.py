@@ -18,15 +18,15 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import ThreadSink, free_port
+from conftest import free_port
 
 from tests.postfix_onepass_support import (
     BEFORE_QUEUE,
     CLEAN_SENDER,
+    DELIVERY_TIMEOUT,
     HOLD_SENDER,
     POLICY,
     RCPT,
@@ -34,16 +34,19 @@ from tests.postfix_onepass_support import (
     REJECT_TEXT,
     REWRITE_RCPTS,
     REWRITE_SENDER,
+    Rig,
     adapt_before_queue,
+    arrived,
+    one_pass_rig,
     parsed,
     rewrite_message,
     send,
+    wait_arrival,
 )
-from tests.postfix_support import POSTFIX_HOSTNAME, PostfixInstance, postfix_missing
-from tests.test_postfix_integration import MailGuard, make_message, split
+from tests.postfix_support import POSTFIX_HOSTNAME, postfix_missing
+from tests.test_postfix_integration import make_message, split
 
 pytestmark = pytest.mark.postfix
-DELIVERY_TIMEOUT = 20.0
 
 
 @pytest.fixture(scope="module")
@@ -58,59 +61,12 @@ def workdir() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-@dataclass
-class Rig:
-    postfix: PostfixInstance
-    mailguard: MailGuard
-    sink: ThreadSink
-
-
 @pytest.fixture(scope="module")
 def rig(workdir: Path) -> Iterator[Rig]:
-    sink = ThreadSink()
-    pf = PostfixInstance(
-        submission=free_port(),
-        filter_port=free_port(),
-        reinject=free_port(),
-        sink=sink.port,
-        snippets=BEFORE_QUEUE,
-        adapt=adapt_before_queue,
-    )
-    mg = MailGuard(workdir, pf.filter_port, pf.reinject)
-    mg.policy.write_text(POLICY, encoding="utf-8")
-    try:
-        pf.build()
-        pf.start()
-        mg.start()
-        yield Rig(pf, mg, sink)
-    finally:
-        mg.stop()
-        pf.stop()
-        sink.stop()
-
-
-def arrived(
-    rig: Rig, needle: str, *, null_sender: bool = False
-) -> list[tuple[str, list[str], bytes]]:
-    return [
-        (frm, rcpts, raw)
-        for frm, rcpts, raw in list(rig.sink.sink.got)
-        if needle.encode() in raw and (frm in ("", "<>")) == null_sender
-    ]
-
-
-def wait_arrival(rig: Rig, needle: str, *, rcpts: list[str] | None = None) -> bytes:
-    deadline = time.monotonic() + DELIVERY_TIMEOUT
-    while True:
-        got = [g for g in arrived(rig, needle) if rcpts is None or g[1] == rcpts]
-        if got:
-            return got[0][2]
-        if time.monotonic() >= deadline:
-            raise AssertionError(
-                f"{needle} did not reach the sink\n--- maillog ---\n{rig.postfix.log_tail()}"
-                f"\n--- mailguard ---\n{rig.mailguard.log()[-3000:]}"
-            )
-        time.sleep(0.1)
+    with one_pass_rig(
+        workdir, POLICY, BEFORE_QUEUE, adapt_before_queue, submission=free_port()
+    ) as r:
+        yield r
 
 
 def mailguard_line(rig: Rig, pattern: str) -> str:
