@@ -19,19 +19,21 @@ import signal
 import socket
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mailguard.analysis import analyze_view
 from mailguard.config import Config
 from mailguard.envelope import Envelope, Reply
 from mailguard.errors import ConfigError
 from mailguard.history import DomainHistory
-from mailguard.lookups import HistoryCache, Lookups
+from mailguard.lookups import HistoryBackend, HistoryCache, Lookups
 from mailguard.pipeline import Content, Pipeline, Settings
 from mailguard.policy import Policy, builtin_policy, load_policy, warn_uninspected
-from mailguard.queue import HoldService, SqliteStore
+from mailguard.queue import HoldService
+from mailguard.queue.backends import Store, make_store
+from mailguard.queue.postgres import PostgresStore
 from mailguard.relay.smtp import SmtpTransport
 from mailguard.server import Server
 
@@ -141,7 +143,7 @@ class Service:
         self.front: Server | None = None
         self.upstream: Upstream | None = None
         self.lookups: Lookups | None = None
-        self.store: SqliteStore | None = None
+        self.store: Store | None = None
         self.queue: HoldService | None = None
         self.scheduler: Scheduler | None = None
         self._web: web.AppRunner | None = None
@@ -153,11 +155,20 @@ class Service:
     async def start(self) -> None:
         """Build every part; the SMTP port opens last, so no message meets a half-built guard."""
         cfg, m = self.cfg, self.metrics
-        cfg.store.path.parent.mkdir(parents=True, exist_ok=True)
-        self.lookups = Lookups(HistoryCache(DomainHistory(cfg.store.path)), make_resolver(cfg, m))
+        self.store = make_store(cfg.store.url or cfg.store.path, pool_size=cfg.store.pool_size)
+        history: HistoryBackend
+        if isinstance(self.store, PostgresStore):
+            from mailguard.history_pg import PgHistory
+
+            # A database that is down at start: mail to be kept gets 451 until it is back.
+            await self.store.open_or_retry()
+            history = PgHistory(self.store)
+        else:
+            cfg.store.path.parent.mkdir(parents=True, exist_ok=True)
+            history = DomainHistory(cfg.store.path)
+            await self.store.open()
+        self.lookups = Lookups(HistoryCache(history), make_resolver(cfg, m))
         self.upstream = Upstream(make_transport(cfg, m))
-        self.store = SqliteStore(cfg.store.path)
-        await self.store.open()
         self.queue = HoldService(
             self.store, public_url=public_url(cfg), lang=cfg.notify.lang, admin=cfg.notify.admin
         )
@@ -212,6 +223,9 @@ class Service:
             lang=cfg.notify.lang,
             reporting_mta=self.front.hostname,
             remote_mta=cfg.upstream.address[0],
+            # A shared store: every node schedules; a dead node's leases run out after
+            # store.lease (renewed by the store while a delivery is under way).
+            **shared_store_scheduling(self.store, cfg),
         )
         self._tasks.append(asyncio.ensure_future(self.scheduler.run()))
         if self.metrics is not None:
@@ -367,6 +381,13 @@ def warn_open_networks(cfg: Config) -> None:
                 "inject mail (open relay); list Postfix's address instead",
                 net,
             )
+
+
+def shared_store_scheduling(store: Store, cfg: Config) -> dict[str, Any]:
+    """Scheduler settings for a store several nodes share (none for the embedded one)."""
+    if not isinstance(store, PostgresStore):
+        return {}
+    return {"lease": timedelta(seconds=cfg.store.lease), "recover_on_start": False}
 
 
 def settings_for(cfg: Config) -> Settings:

@@ -114,7 +114,11 @@ class PolicyConfig:
 
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
-    path: Path = Path("var/mailguard.db")
+    path: Path = Path("var/mailguard.db")  # the embedded SQLite store (one node)
+    # "postgresql://user@host/db": the shared store of several guards (path is then unused)
+    url: str = ""
+    pool_size: int = 10  # PostgreSQL connections per process
+    lease: float = 60.0  # PostgreSQL: a dead node's deliveries are taken over after this
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +231,15 @@ def _path(value: object) -> Path:
     return Path(value)
 
 
+PG_SCHEMES = ("postgresql://", "postgres://")
+
+
+def _pg_url(value: object) -> str:
+    if not isinstance(value, str) or (value and not value.startswith(PG_SCHEMES)):
+        raise ValueError("expected postgresql://user@host[:port]/database")
+    return value
+
+
 # How each key is converted; anything not listed takes the field's own type.
 _CONVERT: dict[tuple[str, str], Callable[[object], object]] = {
     ("smtp", "listen"): _hostport,
@@ -245,6 +258,8 @@ _CONVERT: dict[tuple[str, str], Callable[[object], object]] = {
     ("web", "login_fail_window"): _duration,
     ("metrics", "listen"): _opt_hostport,
     ("store", "path"): _path,
+    ("store", "url"): _pg_url,
+    ("store", "lease"): _duration,
 }
 # The [section] tables and the class each one builds.
 _SECTIONS: dict[str, type[Section]] = {
@@ -309,6 +324,11 @@ def _convert(section: str, key: str, value: object, default: object) -> object:
 
 
 def from_dict(data: Mapping[str, object], *, source: str = "", text: str = "") -> Config:
+    store = data.get("store")
+    if isinstance(store, dict) and str(store.get("path", "")).startswith(PG_SCHEMES):
+        # `[store] path = "postgresql://…"` means the same as `url = …`, as `--store` does
+        store = {k: v for k, v in store.items() if k != "path"}
+        data = {**data, "store": {"url": data["store"]["path"], **store}}  # type: ignore[index]
     sections: dict[str, Section] = {}
     for name, value in data.items():
         if name not in _SECTIONS:

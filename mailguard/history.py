@@ -250,6 +250,17 @@ class DomainHistory:
     async def asnapshot(self, domains: Iterable[str]) -> HistorySnapshot:
         return await asyncio.to_thread(self.snapshot, list(domains))
 
+    # lookups.HistoryBackend (PgHistory is the shared-store one)
+
+    async def afrequent(self) -> frozenset[str]:
+        return await asyncio.to_thread(self.frequent)
+
+    async def arecord_and_count(self, batch: list[tuple[set[str], datetime]]) -> dict[str, int]:
+        return await asyncio.to_thread(self.record_and_count, batch)
+
+    async def aclose(self) -> None:
+        self.close()
+
     # -- imports ----------------------------------------------------------------------------
 
     def import_postfix_log(self, path: str | os.PathLike[str]) -> ImportResult:

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from mailguard.checks.context import DnsStatus, HistorySnapshot, Org
 from mailguard.checks.domains import recipient_addresses
@@ -47,6 +47,25 @@ def domains_of(addrs: Iterable[Address]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(a.domain for a in addrs if a.domain and a.domain[0] != "["))
 
 
+class HistoryBackend(Protocol):
+    """Where the delivery history lives: DomainHistory (SQLite file) or PgHistory (the shared
+    PostgreSQL store). Reads and writes are async; the frequent set is cached by the backend."""
+
+    frequent_min: int
+
+    async def acounts(self, domains: Iterable[str]) -> dict[str, int]: ...
+
+    async def afrequent(self) -> frozenset[str]: ...
+
+    def frequent_cached(self, now: float | None = None) -> frozenset[str] | None: ...
+
+    def add_frequent(self, domains: Iterable[str]) -> None: ...
+
+    async def arecord_and_count(self, batch: list[tuple[set[str], datetime]]) -> dict[str, int]: ...
+
+    async def aclose(self) -> None: ...
+
+
 class HistoryCache:
     """Delivery history as the checks see it, cheap per message.
 
@@ -57,7 +76,7 @@ class HistoryCache:
     look-alike set at that flush, not at the next periodic refresh.
     """
 
-    def __init__(self, history: DomainHistory, *, ttl: float = 60.0, flush_every: float = 1.0):
+    def __init__(self, history: HistoryBackend, *, ttl: float = 60.0, flush_every: float = 1.0):
         self.history = history
         self.ttl = ttl
         self.flush_every = flush_every
@@ -78,7 +97,7 @@ class HistoryCache:
             else:
                 missing.append(d)
         if missing:
-            fresh = await asyncio.to_thread(self.history.counts, missing)
+            fresh = await self.history.acounts(missing)
             now = time.monotonic()
             for d, n in fresh.items():
                 known.setdefault(d, n)
@@ -89,7 +108,7 @@ class HistoryCache:
                 known[d] += self._unflushed.get(d, 0)
         frequent = self.history.frequent_cached(now)  # no thread hop per message …
         if frequent is None:
-            frequent = await asyncio.to_thread(self.history.frequent)  # … SQL every few minutes
+            frequent = await self.history.afrequent()  # … SQL every few minutes
         return HistorySnapshot(known, frequent)
 
     def learn(self, domains: Iterable[str]) -> None:
@@ -118,7 +137,7 @@ class HistoryCache:
         if not batch:
             return
         try:
-            fresh = await asyncio.to_thread(self.history.record_and_count, batch)
+            fresh = await self.history.arecord_and_count(batch)
         except Exception:
             log.exception("history: could not record %d deliveries", len(batch))
             return  # the deltas stay counted in this process: better than forgetting them
@@ -135,7 +154,7 @@ class HistoryCache:
         if self._task is not None and not self._task.done():
             self._task.cancel()
         await self.flush()
-        self.history.close()
+        await self.history.aclose()
 
 
 @dataclass(frozen=True, slots=True)

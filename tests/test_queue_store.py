@@ -1,14 +1,19 @@
-"""SqliteStore on real files: durability settings, transitions, audit, tokens, leases, paging."""
+"""The HeldStore contract on real backends — SqliteStore on real files and PostgresStore on a
+private PostgreSQL cluster: durability settings, transitions, audit, tokens, leases, paging."""
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pg_support import PgCluster, pg_cluster, require_pg
 
 from mailguard.errors import StoreError
+from mailguard.queue.postgres import PostgresStore
 from mailguard.queue.service import hash_token, new_token
 from mailguard.queue.sqlite import SqliteStore
 from mailguard.queue.store import (
@@ -23,7 +28,45 @@ from mailguard.queue.store import (
     new_id,
 )
 
+__all__ = ["pg_cluster"]  # the session fixture, imported for pytest
+
 T0 = datetime(2025, 4, 1, 9, 0, tzinfo=UTC)
+
+
+class Backend:
+    """One place a store lives; `store()` opens a new store object on it (a restart)."""
+
+    def __init__(self, kind: str, tmp_path: Path, cluster: PgCluster | None) -> None:
+        self.kind = kind
+        self.path = tmp_path / "q.db"
+        self.cluster = cluster
+        self.url = cluster.new_database() if cluster is not None else ""
+
+    def store(self) -> Any:
+        if self.kind == "sqlite":
+            return SqliteStore(self.path)
+        return PostgresStore(self.url)
+
+    def sql(self, query: str) -> list[tuple[Any, ...]]:
+        """Rows read by an outside client (another process), as text."""
+        if self.kind == "sqlite":
+            c = sqlite3.connect(self.path)
+            try:
+                return [tuple(str(v) for v in r) for r in c.execute(query).fetchall()]
+            finally:
+                c.close()
+        assert self.cluster is not None
+        out = self.cluster.psql(self.url.rsplit("/", 1)[1], query)
+        return [tuple(line.split("|")) for line in out.splitlines() if line]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    cluster = None
+    if request.param == "postgres":
+        require_pg()
+        cluster = request.getfixturevalue("pg_cluster")
+    yield Backend(request.param, tmp_path, cluster)
 
 
 def held(now: datetime = T0, *, due: timedelta = timedelta(minutes=5), **kw: object) -> Held:
@@ -43,17 +86,15 @@ def held(now: datetime = T0, *, due: timedelta = timedelta(minutes=5), **kw: obj
 
 
 @pytest.mark.asyncio
-async def test_put_is_durable_and_survives_reopen(tmp_path: Path) -> None:
-    db = tmp_path / "q.db"
+async def test_put_is_durable_and_survives_reopen(backend: Backend) -> None:
     h = held()
-    async with SqliteStore(db) as s:
+    async with backend.store() as s:
         await s.put(h, b"raw bytes\r\n")
     # A different connection (another process, after a restart) sees the committed row.
-    c = sqlite3.connect(db)
-    assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert c.execute("SELECT state FROM held WHERE id = ?", (h.id,)).fetchone()[0] == "held"
-    c.close()
-    async with SqliteStore(db) as s2:
+    if backend.kind == "sqlite":
+        assert backend.sql("PRAGMA journal_mode") == [("wal",)]
+    assert backend.sql(f"SELECT state FROM held WHERE id = '{h.id}'") == [("held",)]
+    async with backend.store() as s2:
         got = await s2.get(h.id)
         assert got is not None and got.state is State.HELD
         assert got.summary["subject"] == "月次報告"
@@ -63,15 +104,19 @@ async def test_put_is_durable_and_survives_reopen(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
-async def test_synchronous_full_on_the_writer(tmp_path: Path) -> None:
-    async with SqliteStore(tmp_path / "q.db") as s:
-        sync = await s._run(lambda: s._c.execute("PRAGMA synchronous").fetchone()[0])
-    assert sync == 2  # FULL
+async def test_commits_wait_for_the_disk(backend: Backend) -> None:
+    async with backend.store() as s:
+        if backend.kind == "sqlite":
+            sync = await s._run(lambda: s._c.execute("PRAGMA synchronous").fetchone()[0])
+            assert sync == 2  # FULL
+        else:
+            async with s.pool.acquire() as c:
+                assert await c.fetchval("SHOW synchronous_commit") == "on"
 
 
 @pytest.mark.asyncio
-async def test_transitions_follow_allowed_and_are_audited(tmp_path: Path) -> None:
-    async with SqliteStore(tmp_path / "q.db") as s:
+async def test_transitions_follow_allowed_and_are_audited(backend: Backend) -> None:
+    async with backend.store() as s:
         h = held()
         await s.put(h, b"x")
         with pytest.raises(TransitionError):
@@ -98,9 +143,8 @@ async def test_transitions_follow_allowed_and_are_audited(tmp_path: Path) -> Non
 
 
 @pytest.mark.asyncio
-async def test_tokens_stored_as_hashes_single_use_and_expiring(tmp_path: Path) -> None:
-    db = tmp_path / "q.db"
-    async with SqliteStore(db) as s:
+async def test_tokens_stored_as_hashes_single_use_and_expiring(backend: Backend) -> None:
+    async with backend.store() as s:
         h1, h2 = held(), held(T0 + timedelta(seconds=1))
         t1, hash1 = new_token()
         t2, hash2 = new_token()
@@ -121,16 +165,19 @@ async def test_tokens_stored_as_hashes_single_use_and_expiring(tmp_path: Path) -
             await s.redeem(hash2, State.RELEASED, now=h2.due, action="send", by="s", why="")
         assert e.value.reason == "expired"
         assert (await s.get(h2.id)).state is State.HELD  # type: ignore[union-attr]
-    raw_db = db.read_bytes() + (
-        db.with_suffix(".db-wal").read_bytes() if db.with_suffix(".db-wal").exists() else b""
-    )
+    if backend.kind == "sqlite":
+        db = backend.path
+        wal = db.with_suffix(".db-wal")
+        raw_db = db.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+    else:
+        raw_db = repr(backend.sql("SELECT t::text FROM token t")).encode()
+        assert len(backend.sql("SELECT 1 FROM token WHERE length(hash) = 32")) == 2
     assert t1.encode() not in raw_db and t2.encode() not in raw_db
 
 
 @pytest.mark.asyncio
-async def test_claim_lease_and_crash_recovery(tmp_path: Path) -> None:
-    db = tmp_path / "q.db"
-    async with SqliteStore(db) as s:
+async def test_claim_lease_and_crash_recovery(backend: Backend) -> None:
+    async with backend.store() as s:
         h = held()
         await s.put(h, b"x")
         await s.move(h.id, State.RELEASED, now=T0, by="t", why="")
@@ -139,12 +186,17 @@ async def test_claim_lease_and_crash_recovery(tmp_path: Path) -> None:
         # While the lease runs nobody else may take it.
         assert await s.claim_deliveries(T0 + timedelta(minutes=5), T0, "w2") == []
     # "Crash": reopen; after the lease runs out the message comes back exactly once.
-    async with SqliteStore(db) as s:
+    async with backend.store() as s:
         later = T0 + timedelta(minutes=11)
         (c2,) = await s.claim_deliveries(later, later + timedelta(minutes=10), "w2")
         assert c2.id == h.id and c2.attempts == 2
         assert await s.claim_deliveries(later, later, "w3") == []
-        assert await s.recover_leases(later) == 1
+        if backend.kind == "postgres":
+            # shared store: no node may cut another's lease short at start
+            assert await s.recover_leases(later) == 0
+            later += timedelta(minutes=10)
+        else:
+            assert await s.recover_leases(later) == 1
         (c3,) = await s.claim_deliveries(later, later + timedelta(minutes=10), "w3")
         assert c3.attempts == 3
         whys = [a.why for a in await s.audit(h.id)]
@@ -152,8 +204,8 @@ async def test_claim_lease_and_crash_recovery(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
-async def test_notices_claim_scrub_and_retry(tmp_path: Path) -> None:
-    async with SqliteStore(tmp_path / "q.db") as s:
+async def test_notices_claim_scrub_and_retry(backend: Backend) -> None:
+    async with backend.store() as s:
         n = NewNotice("zip-password", ("b@partner.co.jp",), {"password": "S3cret!"}, T0)
         later = NewNotice(
             "zip-password", ("b@partner.co.jp",), {"password": "x"}, T0 + timedelta(minutes=5)
@@ -168,13 +220,13 @@ async def test_notices_claim_scrub_and_retry(tmp_path: Path) -> None:
         (p2,) = await s.claim_notices(T0 + timedelta(seconds=30), T0 + timedelta(minutes=1))
         assert p2.id == p.id and p2.attempts == 2
         await s.finish_notice(p.id, now=T0, sent=True, reply="250 ok", retry_at=None)
-        rows = await s._run(lambda: s._c.execute("SELECT data, state FROM notice").fetchall())
-        assert ("{}", "sent") in [tuple(r) for r in rows]  # password gone from disk
+    rows = backend.sql("SELECT data, state FROM notice")
+    assert ("{}", "sent") in rows  # password gone from disk
 
 
 @pytest.mark.asyncio
-async def test_list_filters_and_keyset_pages(tmp_path: Path) -> None:
-    async with SqliteStore(tmp_path / "q.db") as s:
+async def test_list_filters_and_keyset_pages(backend: Backend) -> None:
+    async with backend.store() as s:
         ids = []
         for i in range(7):
             h = held(
@@ -203,4 +255,17 @@ async def test_closed_or_unusable_store_raises_store_error(tmp_path: Path) -> No
     (tmp_path / "dir.db").mkdir()
     with pytest.raises(StoreError):
         await SqliteStore(tmp_path / "dir.db").open()
+    assert await s.ping() is False
+
+
+@pytest.mark.asyncio
+async def test_unreachable_postgres_raises_store_error() -> None:
+    from pg_support import free_port
+
+    s = PostgresStore(f"postgresql://nobody@127.0.0.1:{free_port()}/none", timeout=2)
+    with pytest.raises(StoreError) as e:
+        await s.open()
+    assert "postgresql://" in str(e.value)
+    with pytest.raises(StoreError):
+        await s.put(held(), b"x")  # not open
     assert await s.ping() is False

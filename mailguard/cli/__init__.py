@@ -19,10 +19,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Outbound mail mis-send guard (メール誤送信防止ゲートウェイ) for Postfix.",
     )
     parser.add_argument("--version", action="version", version=f"mailguard {__version__}")
-    from mailguard.cli import check, demo, history, policy, queue, serve
+    from mailguard.cli import check, demo, history, policy, queue, serve, store
 
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for mod in (serve, check, policy, queue, history, demo):  # the order `--help` lists them
+    for mod in (serve, check, policy, queue, store, history, demo):  # the order `--help` lists
         mod.register(sub)
     return parser
 

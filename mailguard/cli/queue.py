@@ -18,8 +18,8 @@ from typing import Any
 
 from mailguard.config import load, parse_duration
 from mailguard.errors import ConfigError, StoreError
+from mailguard.queue.backends import is_url, make_store
 from mailguard.queue.service import HoldService
-from mailguard.queue.sqlite import SqliteStore
 from mailguard.queue.store import Held, State, TransitionError
 from mailguard.summary import Summary
 
@@ -29,8 +29,10 @@ _EXIT_OK, _EXIT_FAIL, _EXIT_USAGE = 0, 1, 2
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     common = argparse.ArgumentParser(add_help=False)
     src = common.add_mutually_exclusive_group()
-    src.add_argument("--store", metavar="PATH", help="the SQLite store file")
-    src.add_argument("-c", "--config", metavar="FILE", help="service config (uses store.path)")
+    src.add_argument("--store", metavar="PATH|URL", help="the SQLite store file, or postgresql://…")
+    src.add_argument(
+        "-c", "--config", metavar="FILE", help="service config (uses store.url or store.path)"
+    )
     common.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = subparsers.add_parser(
@@ -55,10 +57,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.set_defaults(func=main, queue_parser=p)
 
 
-def _store_path(args: argparse.Namespace) -> Path:
+def _store_path(args: argparse.Namespace) -> str:
+    """A path or a PostgreSQL URL: --store, else the config's store.url or store.path."""
     if args.store:
-        return Path(args.store)
-    return load(args.config).store.path
+        return str(args.store)
+    st = load(args.config).store
+    return st.url or str(st.path)
 
 
 def _since(value: str | None) -> datetime | None:
@@ -129,8 +133,9 @@ def _show(h: Held, audit: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-async def _run(args: argparse.Namespace, path: Path) -> int:
-    async with SqliteStore(path) as store:
+async def _run(args: argparse.Namespace, path: str) -> int:
+    # No migrations from the CLI: a store older than this MailGuard says so (store migrate).
+    async with make_store(path, pool_size=2, migrate=False) as store:
         cmd = args.queue_command
         if cmd == "list":
             page = await store.list_messages(
@@ -197,7 +202,7 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"mailguard queue: {e}", file=sys.stderr)
         return _EXIT_USAGE
-    if not path.exists():
+    if not is_url(path) and not Path(path).exists():
         print(f"mailguard queue: no store at {path} (nothing was ever held?)", file=sys.stderr)
         return _EXIT_FAIL
     try:

@@ -30,7 +30,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--listen", metavar="HOST:PORT", help="SMTP listen address [127.0.0.1:10025]")
     p.add_argument("--upstream", metavar="HOST:PORT", help="upstream MTA [127.0.0.1:10026]")
     p.add_argument("--policy", metavar="FILE", help="policy file [policies/default.toml]")
-    p.add_argument("--store", metavar="PATH", help="queue/history SQLite file [var/mailguard.db]")
+    p.add_argument(
+        "--store",
+        metavar="PATH|URL",
+        help="queue/history SQLite file [var/mailguard.db], or postgresql://… shared by several "
+        "guards",
+    )
     p.add_argument("--web", metavar="HOST:PORT", help="web pages, API, /metrics [127.0.0.1:8025]")
     p.add_argument("--no-web", action="store_true", help="do not start the web side")
     p.add_argument(
@@ -63,7 +68,10 @@ def apply_overrides(cfg: Config, args: argparse.Namespace) -> Config:
     if getattr(args, "policy", None):
         cfg = replace(cfg, policy=replace(cfg.policy, file=args.policy))
     if getattr(args, "store", None):
-        cfg = replace(cfg, store=replace(cfg.store, path=Path(args.store)))
+        if str(args.store).startswith(("postgresql://", "postgres://")):
+            cfg = replace(cfg, store=replace(cfg.store, url=str(args.store)))
+        else:
+            cfg = replace(cfg, store=replace(cfg.store, path=Path(args.store), url=""))
     if getattr(args, "log_level", None):
         cfg = replace(cfg, log=replace(cfg.log, level=args.log_level))
     if getattr(args, "log_json", False):
