@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -394,6 +394,19 @@ def _pick(sections: Mapping[str, Section], name: str, cls: type[_S]) -> _S:
 ADMIN_TOKEN_MIN = 32
 
 
+def _validate_networks(nets: Iterable[str], table: str, key: str, source: str, text: str) -> None:
+    for net in nets:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"not an IP network: {net!r}",
+                file=source,
+                line=key_line(text, table, key),
+                key=f"{table}.{key}",
+            ) from None
+
+
 def _validate_web(cfg: Config, source: str, text: str) -> None:
     w = cfg.web
     if w.admin_token and len(w.admin_token) < ADMIN_TOKEN_MIN:
@@ -404,16 +417,7 @@ def _validate_web(cfg: Config, source: str, text: str) -> None:
             line=key_line(text, "web", "admin_token"),
             key="web.admin_token",
         )
-    for net in w.trusted_proxies:
-        try:
-            ipaddress.ip_network(net, strict=False)
-        except ValueError:
-            raise ConfigError(
-                f"not an IP network: {net!r}",
-                file=source,
-                line=key_line(text, "web", "trusted_proxies"),
-                key="web.trusted_proxies",
-            ) from None
+    _validate_networks(w.trusted_proxies, "web", "trusted_proxies", source, text)
     if not re.fullmatch(r"[A-Za-z0-9-]+", w.client_ip_header):
         raise ConfigError(
             f"not a header name: {w.client_ip_header!r}",
@@ -432,16 +436,7 @@ def _validate_web(cfg: Config, source: str, text: str) -> None:
 
 def _validate(cfg: Config, source: str, text: str) -> None:
     _validate_web(cfg, source, text)
-    for net in cfg.smtp.allowed_networks:
-        try:
-            ipaddress.ip_network(net, strict=False)
-        except ValueError:
-            raise ConfigError(
-                f"not an IP network: {net!r}",
-                file=source,
-                line=key_line(text, "smtp", "allowed_networks"),
-                key="smtp.allowed_networks",
-            ) from None
+    _validate_networks(cfg.smtp.allowed_networks, "smtp", "allowed_networks", source, text)
     if cfg.upstream.pool_size > 10000:
         raise ConfigError("pool_size above 10000", file=source, key="upstream.pool_size")
 

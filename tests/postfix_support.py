@@ -33,9 +33,11 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SNIPPETS = ROOT / "deploy" / "postfix"
@@ -333,3 +335,16 @@ def wait_listening(port: int, timeout: float, *, what: str) -> None:
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"{what}: nothing listens after {timeout:.0f}s") from None
             time.sleep(0.05)
+
+
+def postfix_workdir(prefix: str) -> Iterator[Path]:
+    """A module fixture's body: a temp dir for a private Postfix, or skip when Postfix is
+    missing (fail instead when MAILGUARD_REQUIRE_POSTFIX is set, as CI does)."""
+    why = postfix_missing()
+    if why:
+        if os.environ.get("MAILGUARD_REQUIRE_POSTFIX"):
+            pytest.fail(f"MAILGUARD_REQUIRE_POSTFIX is set but {why}")
+        pytest.skip(why)
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)

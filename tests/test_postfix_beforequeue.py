@@ -12,10 +12,7 @@ tests run in file order and tell messages apart by Message-ID.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,7 +40,7 @@ from tests.postfix_onepass_support import (
     send,
     wait_arrival,
 )
-from tests.postfix_support import POSTFIX_HOSTNAME, postfix_missing
+from tests.postfix_support import POSTFIX_HOSTNAME, postfix_workdir
 from tests.test_postfix_integration import make_message, split
 
 pytestmark = pytest.mark.postfix
@@ -51,14 +48,7 @@ pytestmark = pytest.mark.postfix
 
 @pytest.fixture(scope="module")
 def workdir() -> Iterator[Path]:
-    why = postfix_missing()
-    if why:
-        if os.environ.get("MAILGUARD_REQUIRE_POSTFIX"):
-            pytest.fail(f"MAILGUARD_REQUIRE_POSTFIX is set but {why}")
-        pytest.skip(why)
-    d = Path(tempfile.mkdtemp(prefix="mg-postfix-bq."))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+    yield from postfix_workdir("mg-postfix-bq.")
 
 
 @pytest.fixture(scope="module")

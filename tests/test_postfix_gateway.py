@@ -10,11 +10,8 @@ MAILGUARD_REQUIRE_POSTFIX is set (CI). Module fixtures, file order, one Message-
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import smtplib
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,7 +38,7 @@ from tests.postfix_onepass_support import (
     send,
     wait_arrival,
 )
-from tests.postfix_support import POSTFIX_HOSTNAME, postfix_missing, wait_listening
+from tests.postfix_support import POSTFIX_HOSTNAME, postfix_workdir, wait_listening
 from tests.test_postfix_integration import make_message, split
 
 pytestmark = pytest.mark.postfix
@@ -49,14 +46,7 @@ pytestmark = pytest.mark.postfix
 
 @pytest.fixture(scope="module")
 def workdir() -> Iterator[Path]:
-    why = postfix_missing()
-    if why:
-        if os.environ.get("MAILGUARD_REQUIRE_POSTFIX"):
-            pytest.fail(f"MAILGUARD_REQUIRE_POSTFIX is set but {why}")
-        pytest.skip(why)
-    d = Path(tempfile.mkdtemp(prefix="mg-postfix-gw."))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+    yield from postfix_workdir("mg-postfix-gw.")
 
 
 @pytest.fixture(scope="module")

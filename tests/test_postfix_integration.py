@@ -11,13 +11,10 @@ file order; each message is told apart by its Message-ID.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import signal
 import smtplib
 import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,7 +24,7 @@ from pathlib import Path
 import pytest
 from conftest import ThreadSink, free_port, mailguard_cmd, wait_port
 
-from tests.postfix_support import POSTFIX_HOSTNAME, PostfixInstance, postfix_missing
+from tests.postfix_support import POSTFIX_HOSTNAME, PostfixInstance, postfix_workdir
 
 pytestmark = pytest.mark.postfix
 
@@ -61,14 +58,7 @@ senders = ["{HOLD_SENDER}"]
 
 @pytest.fixture(scope="module")
 def workdir() -> Iterator[Path]:
-    why = postfix_missing()
-    if why:
-        if os.environ.get("MAILGUARD_REQUIRE_POSTFIX"):
-            pytest.fail(f"MAILGUARD_REQUIRE_POSTFIX is set but {why}")
-        pytest.skip(why)
-    d = Path(tempfile.mkdtemp(prefix="mg-postfix-test."))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+    yield from postfix_workdir("mg-postfix-test.")
 
 
 @pytest.fixture(scope="module")

@@ -57,6 +57,22 @@ def test_bad_config_stops_startup_with_file_line_key(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize(
+    ("table", "key"), [("smtp", "allowed_networks"), ("web", "trusted_proxies")]
+)
+def test_a_bad_network_list_names_its_file_line_and_key(
+    tmp_path: Path, table: str, key: str
+) -> None:
+    cfg = tmp_path / "mg.toml"
+    cfg.write_text(f'[{table}]\n{key} = ["127.0.0.0/8", "10.0.0.300/8"]\n')
+    r = subprocess.run(
+        [*mailguard_cmd(), "serve", "-c", str(cfg)], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 2
+    assert f"{cfg}:2: {table}.{key}: not an IP network: '10.0.0.300/8'" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_sigterm_with_mail_in_flight_loses_nothing(tmp_path: Path) -> None:
     sink = ThreadSink(delay=0.3)  # slow upstream: transactions are in flight at SIGTERM
     port = free_port()
