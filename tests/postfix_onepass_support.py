@@ -23,6 +23,12 @@ from pathlib import Path
 from conftest import ThreadSink, free_port
 
 from tests.postfix_support import SNIPPETS, PostfixInstance, _sub_once
+from tests.test_postfix_integration import CLEAN_SENDER as CLEAN_SENDER
+from tests.test_postfix_integration import HOLD_SENDER as HOLD_SENDER
+from tests.test_postfix_integration import POLICY as BASE_POLICY
+from tests.test_postfix_integration import RCPT as RCPT
+from tests.test_postfix_integration import REJECT_SENDER as REJECT_SENDER
+from tests.test_postfix_integration import REJECT_TEXT as REJECT_TEXT
 from tests.test_postfix_integration import MailGuard
 
 Adapt = Callable[..., str]
@@ -30,32 +36,13 @@ Adapt = Callable[..., str]
 BEFORE_QUEUE = SNIPPETS / "before-queue"
 GATEWAY = SNIPPETS / "gateway"
 
-RCPT = "someone@partner.example"
-CLEAN_SENDER = "clean@example.co.jp"
-REJECT_SENDER = "refused@example.co.jp"
-HOLD_SENDER = "held@example.co.jp"
 REWRITE_SENDER = "rewrite@example.co.jp"
 REWRITE_RCPTS = ["tanaka@client-a.example", "suzuki@client-b.example"]
-REJECT_TEXT = "Test policy refuses mail from this sender"
 
-POLICY = f"""\
-[organization]
-internal_domains = ["example.co.jp"]
-
-[[rule]]
-name = "refuse-sender"
-when = "recipient.external"
-action = "reject"
-reject_message = "{REJECT_TEXT}"
-senders = ["{REJECT_SENDER}"]
-
-[[rule]]
-name = "hold-sender"
-when = "recipient.external"
-action = "hold"
-hold_for = "1h"
-senders = ["{HOLD_SENDER}"]
-
+# the after-queue tests' policy (reject, hold) plus the two rewrites
+POLICY = (
+    BASE_POLICY
+    + f"""
 [[rule]]
 name = "bcc-several-parties"
 when = "recipient.external_parties >= 2"
@@ -69,6 +56,7 @@ action = "zip"
 options = {{ method = "aes", password_to = "sender" }}
 senders = ["{REWRITE_SENDER}"]
 """
+)
 
 
 def adapt_before_queue(text: str, *, submission: int, filter_port: int, reinject: int) -> str:
