@@ -118,7 +118,9 @@ def main() -> int:
         f'[policy]\nfile = "{a.policy}"\n[store]\npath = "{tmp / "mg.db"}"\n'
         f'[web]\nenabled = false\n[log]\nlevel = "warning"\n{dns}'
     )
-    exe = shutil.which("mailguard", path=os.path.dirname(sys.executable)) or "mailguard"
+    exe = os.environ.get("MAILGUARD") or (  # MAILGUARD=/path/to/mailguard: another install
+        shutil.which("mailguard", path=os.path.dirname(sys.executable)) or "mailguard"
+    )
     procs.append(subprocess.Popen([exe, "serve", "-c", str(cfg)], stderr=subprocess.DEVNULL))
     try:
         wait_port(sink_port)

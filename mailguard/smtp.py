@@ -114,6 +114,8 @@ _FRESH: dict[str, Any] = {
     "transport": None,
     "_handler_coroutine": None,
     "_timeout_handle": None,
+    "_deadline": 0.0,
+    "_timer_armed": False,
     "_tls_protocol": None,
     "_original_transport": None,
     "_tls_handshake_okay": True,
@@ -156,6 +158,8 @@ class GuardSMTP(SMTP):
         self.max_idle_commands = max_idle_commands  # 0 = no limit
         self._idle_commands = 0
         self.busy = False  # set by the server before the greeting: over max_connections
+        self._deadline = 0.0  # the idle timeout's deadline (loop time), see _reset_timeout
+        self._timer_armed = False
         if max_idle_commands:
             for name, method in list(self._smtp_methods.items()):
                 if name not in _MAIL_COMMANDS:
@@ -227,6 +231,30 @@ class GuardSMTP(SMTP):
         super().connection_lost(error)
         if self.on_connection is not None:
             self.on_connection(self, False)
+
+    # -- idle timeout: one timer per connection, its deadline moved per command ----------------
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd cancels its timer and schedules a new one on every command (a TimerHandle,
+        a heap push and a cancelled heap entry each time). Here the deadline moves and the one
+        timer, when it fires before the deadline, re-arms itself for the rest; a shorter
+        deadline (DATA's min_data_rate) re-arms it at once. Same deadline, same callback."""
+        loop = self.loop
+        deadline = loop.time() + (duration or self._timeout_duration)
+        self._deadline = deadline
+        h = self._timeout_handle
+        if self._timer_armed and h is not None and h.when() <= deadline:
+            return  # fires first, then waits for the rest
+        if h is not None:
+            h.cancel()
+        self._timeout_handle = loop.call_at(deadline, self._timer_fired)
+        self._timer_armed = True
+
+    def _timer_fired(self) -> None:
+        if self.loop.time() < self._deadline:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
+            return
+        self._timer_armed = False
+        self._timeout_cb()  # type: ignore[no-untyped-call]  # aiosmtpd: no annotation
 
     def _tell_client(self, accepted: bool) -> None:
         if self.on_client is None:

@@ -155,6 +155,20 @@ async def test_slowloris_command_line_is_cut(served: Served) -> None:
 
 
 @pytest.mark.asyncio
+async def test_activity_moves_the_idle_deadline(served: Served) -> None:
+    """One timer per connection whose deadline moves per command: a session active past its
+    first deadline stays open, then is closed IDLE after its last command."""
+    sess, _ = await connect(served.port)
+    await sess.cmd(b"EHLO c\r\n")
+    for _ in range(6):  # 2.4 s of activity, past several 1 s deadlines
+        await asyncio.sleep(0.4 * IDLE)
+        assert (await sess.cmd(b"MAIL FROM:<a@x.jp>\r\n")).startswith(b"250")
+        assert (await sess.cmd(b"RSET\r\n")).startswith(b"250")
+    took, _ = await closed_within(sess.reader, 5 * IDLE)
+    assert 0.8 * IDLE <= took < 2.5 * IDLE, took
+
+
+@pytest.mark.asyncio
 async def test_idle_in_data_is_cut(served: Served) -> None:
     sess, _ = await connect(served.port)
     for cmd in (b"EHLO c\r\n", b"MAIL FROM:<a@x.jp>\r\n", b"RCPT TO:<b@y.jp>\r\n", b"DATA\r\n"):

@@ -702,3 +702,108 @@ async def test_control_characters_in_an_address_never_reach_the_upstream(
     assert reply.code == 553 and reply.text.startswith("5.1.3"), reply
     assert up.got == []
     await t.close()
+
+
+# -- upstream PIPELINING (RFC 2920): one write for XFORWARD/MAIL/RCPT…/DATA --------------------
+
+
+@dataclass
+class _PipeliningSink(Sink):
+    """An aiosmtpd sink that announces PIPELINING (aiosmtpd reads pipelined commands in order)."""
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):  # type: ignore[no-untyped-def]
+        session.host_name = hostname
+        responses.insert(len(responses) - 1, "250-PIPELINING")
+        return responses
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("replies", ["one-segment", "one-per-segment", "back-to-back"])
+async def test_pipelined_envelope_is_one_write_and_every_reply_is_read(replies: str) -> None:
+    """The upstream sees MAIL, both RCPTs and DATA before it answers anything (a client waiting
+    for MAIL's reply would hang here); its replies may come together or one by one."""
+    got: list[bytes] = []
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 up ESMTP\r\n")
+        await reader.readline()  # EHLO
+        writer.write(b"250-up\r\n250-PIPELINING\r\n250-XFORWARD NAME ADDR IDENT\r\n250 SIZE\r\n")
+        for _ in range(2):
+            group = b""
+            while not group.endswith(b"DATA\r\n"):
+                group += await reader.read(4096)
+            got.append(group)
+            answers = [b"250 2.0.0 Ok\r\n"] * 4 + [b"354 go on\r\n"]
+            if replies == "one-segment":
+                writer.write(b"".join(answers))
+            else:
+                for a in answers:  # separate segments, paused or straight after each other
+                    writer.write(a)
+                    await writer.drain()
+                    await asyncio.sleep(0.01 if replies == "one-per-segment" else 0)
+            body = await reader.readuntil(b"\r\n.\r\n")
+            got.append(body)
+            writer.write(b"250 2.0.0 Ok: queued as P1\r\n")
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    t = SmtpTransport("127.0.0.1", port_of(server), connect_timeout=2, command_timeout=3)
+    env = Envelope("a@x.jp", ["b@y.jp", "c@y.jp"], xforward={"NAME": "mx.x.jp", "IDENT": "Q1"})
+    for _ in range(2):  # the second on the pooled connection: no reply left over in between
+        reply = await t.send(env, b"Subject: p\r\n\r\n.dot\r\n")
+        assert (reply.code, reply.text) == (250, "2.0.0 Ok: queued as P1")
+    assert t.open_connections == 1
+    await t.close()
+    server.close()
+    assert got[0] == (
+        b"XFORWARD NAME=mx.x.jp IDENT=Q1\r\nMAIL FROM:<a@x.jp> SIZE=20\r\n"
+        b"RCPT TO:<b@y.jp>\r\nRCPT TO:<c@y.jp>\r\nDATA\r\n"
+    )
+    assert got[1] == b"Subject: p\r\n\r\n..dot\r\n.\r\n"
+
+
+@pytest.mark.asyncio
+async def test_pipelined_partial_recipients_never_vanish() -> None:
+    """Partial refusal with DATA answered 354: nothing is delivered (the connection is closed
+    inside DATA), the answer names the refused recipient, and the next message goes out."""
+    s = _PipeliningSink(rcpt_reply={"gone@y.jp": "550 5.1.1 no such user", "busy@y.jp": "450 busy"})
+    server = await serve_sink(s)
+    t = SmtpTransport("127.0.0.1", port_of(server), connect_timeout=2, command_timeout=3)
+    r = await t.send(Envelope("a@x.jp", ["ok@y.jp", "gone@y.jp"]), b"Subject: 1\r\n\r\n")
+    assert r.code == 550 and "gone@y.jp" in r.text, r
+    r = await t.send(Envelope("a@x.jp", ["ok@y.jp", "gone@y.jp", "busy@y.jp"]), b"S: 2\r\n\r\n")
+    assert r.code == 451 and "busy@y.jp" in r.text, r
+    r = await t.send(Envelope("a@x.jp", ["gone@y.jp"]), b"Subject: 3\r\n\r\n")  # DATA: 503
+    assert (r.code, r.text) == (550, "5.1.1 no such user"), r
+    assert s.got == []
+    r = await t.send(Envelope("a@x.jp", ["ok@y.jp"]), b"Subject: 4\r\n\r\n")
+    assert r.code == 250, r
+    assert [g[2] for g in s.got] == [b"Subject: 4\r\n\r\n"]
+    await t.close()
+    server.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("upstream", "code", "text"),
+    [
+        ("554 5.7.1 rejected: spam", 554, "5.7.1 rejected: spam"),
+        ("452 4.3.1 insufficient storage", 451, "4.3.1 insufficient storage"),
+    ],
+)
+async def test_pipelined_final_reply_class_is_kept(
+    upstream: str, code: int, text: str, guard_factory: Any
+) -> None:
+    s = _PipeliningSink(reply=upstream)
+    server = await serve_sink(s)
+    guard = await guard_factory(guard_config(port_of(server)))
+    with pytest.raises(aiosmtplib.SMTPDataError) as err:
+        await aiosmtplib.send(msg(), port=guard.port, **SEND)
+    assert (err.value.code, err.value.message) == (code, text)
+    s.reply = "250 2.0.0 Ok: queued as UP1"
+    names = ("plain", "dot-lines", "998-octet-lines", "starts-with-dot-body")
+    for name in names:
+        await aiosmtplib.send(CASES[name], port=guard.port, **SEND)
+    assert [g[2] for g in s.got] == [CASES[n] for n in names]  # the original bytes
+    server.close()
