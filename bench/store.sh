@@ -72,7 +72,7 @@ HZ=$(getconf CLK_TCK)
 
 tmp=$(mktemp -d /tmp/mailguard-store-bench.XXXXXX); chmod 755 "$tmp"
 guards=()           # pids of the guards running now
-src_pids=() sink_pid="" pg_data="" pg_as=()
+src_pids=() sink_pid="" rb_pid="" pg_data="" pg_as=()
 stop_pids() {  # TERM, wait up to 10 s, KILL: only the pids given (ours)
   local p
   for p in "$@"; do kill -TERM "$p" 2>/dev/null || true; done
@@ -85,7 +85,9 @@ stop_pids() {  # TERM, wait up to 10 s, KILL: only the pids given (ours)
 }
 cleanup() {
   set +e
-  stop_pids ${src_pids[@]+"${src_pids[@]}"} ${sink_pid:+"$sink_pid"} ${guards[@]+"${guards[@]}"}
+  # relay-bench first: its own trap stops the smtp-source and smtp-sink it started
+  stop_pids ${rb_pid:+"$rb_pid"} ${src_pids[@]+"${src_pids[@]}"} ${sink_pid:+"$sink_pid"} \
+    ${guards[@]+"${guards[@]}"}
   if [ -n "$pg_data" ] && [ -f "$pg_data/postmaster.pid" ]; then
     (cd "$tmp/pg" && "${pg_as[@]}" "$pgbin/pg_ctl" -D "$pg_data" -m immediate -w stop >/dev/null 2>&1)
   fi
@@ -162,10 +164,18 @@ held_count() {  # store -> messages in state held
 
 # -- one case through relay-bench.sh (one guard) -------------------------------------------------
 # sets ACC (accepted msg/s, median), E2E (msg/s until the sink had all), GMS, PMS (ms CPU/msg)
+harness_run() {  # relay-bench.sh ARGS… > $tmp/rb.out, in the background so a signal stops it
+  "$harness" "$@" >"$tmp/rb.out" 2>&1 &
+  rb_pid=$!
+  local rc=0; wait "$rb_pid" || rc=$?
+  rb_pid=""
+  return "$rc"
+}
 direct_rate() {
   local out
-  out=$("$harness" --direct -l "$size" -m "$count" -s "$conc" -r "$runs" -p "$sink_port" \
-        --label direct 2>&1) || { echo "$out" >&2; echo "store.sh: direct run failed" >&2; exit 1; }
+  harness_run --direct -l "$size" -m "$count" -s "$conc" -r "$runs" -p "$sink_port" --label direct \
+    || { cat "$tmp/rb.out" >&2; echo "store.sh: direct run failed" >&2; exit 1; }
+  out=$(cat "$tmp/rb.out")
   echo "$out" | tee -a "$tmp/out" >&2
   echo "$out" | awk '/median/ { for (i=1;i<=NF;i++) if ($i ~ /^rate=/) { sub("rate=","",$i); print $i } }'
 }
@@ -175,9 +185,10 @@ one_guard_case() {  # name store policy
   start_guard "$name" "$port" "$store" "$policy"
   p0=0; [ -n "$pg_port" ] && [[ $store == postgresql://* ]] && p0=$(ticks_of $(pg_pids))
   g0=$(ticks_of "${guards[@]}")
-  out=$("$harness" --target "127.0.0.1:$port" -p "$sink_port" -l "$size" -m "$count" -s "$conc" \
-        -r "$runs" -W "$warmup" -S "$settle" -w "${guards[0]}" --label "$name" 2>&1) \
-    || { echo "$out" >&2; echo "store.sh: $name: relay-bench failed" >&2; exit 1; }
+  harness_run --target "127.0.0.1:$port" -p "$sink_port" -l "$size" -m "$count" -s "$conc" \
+      -r "$runs" -W "$warmup" -S "$settle" -w "${guards[0]}" --label "$name" \
+    || { cat "$tmp/rb.out" >&2; echo "store.sh: $name: relay-bench failed" >&2; exit 1; }
+  out=$(cat "$tmp/rb.out")
   echo "$out" | tee -a "$tmp/out" >&2
   g1=$(ticks_of "${guards[@]}")
   p1=0; [[ $store == postgresql://* ]] && p1=$(ticks_of $(pg_pids))
@@ -279,13 +290,17 @@ for r in $(seq "$rounds"); do
   done
 done
 
-med() { printf '%s\n' $1 | median; }
+med() {  # "v1 v2 …" FORMAT -> the median, formatted; "-" when there is none
+  local v; read -ra v <<<"$1"; [ ${#v[@]} -gt 0 ] || { echo -; return; }
+  printf '%s\n' "${v[@]}" | median | awk -v f="$2" '{ if ($1 == "-") print "-"; else printf f "\n", $1 }'
+}
 echo
 echo "bench/store.sh: ${size} B, c$conc, $count msgs x $runs runs (+$warmup warm-up), $rounds round(s); $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u '+%F %H:%M UTC')"
 [ -n "$pg_port" ] && echo "PostgreSQL $("$pgbin/postgres" --version | awk '{print $3}'): fsync=$(psql_ postgres 'SHOW fsync'), synchronous_commit=$(psql_ postgres 'SHOW synchronous_commit')"
 printf "%-12s %10s %7s %10s %9s %9s   %s\n" case accepted ratio +notices guard_ms pg_ms "ratios per round"
-printf "%-12s %10s %7s %10s %9s %9s\n" direct "$(med "${acc_by[direct]}")" 1.00 - - -
+printf "%-12s %10s %7s %10s %9s %9s\n" direct "$(med "${acc_by[direct]}" %.0f)" 1.00 - - -
 for c in $cases; do
-  printf "%-12s %10s %7s %10s %9s %9s   %s\n" "$c" "$(med "${acc_by[$c]}")" "$(med "${ratio_by[$c]}")" \
-    "$(med "${e2e_by[$c]}")" "$(med "${gms_by[$c]}")" "$(med "${pms_by[$c]//-/}")" "${ratio_by[$c]}"
+  printf "%-12s %10s %7s %10s %9s %9s   %s\n" "$c" "$(med "${acc_by[$c]}" %.0f)" \
+    "$(med "${ratio_by[$c]}" %.2f)" "$(med "${e2e_by[$c]}" %.0f)" "$(med "${gms_by[$c]}" %.2f)" \
+    "$(med "${pms_by[$c]//-/}" %.2f)" "${ratio_by[$c]}"
 done
