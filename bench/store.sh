@@ -52,7 +52,7 @@ while [ $# -gt 0 ]; do
     --warmup) warmup=$2; shift 2;;
     --settle) settle=$2; shift 2;;
     --cases) cases=$2; shift 2;;
-    -h|--help) sed -n '2,40p' "$0" | sed 's/^# \{0,1\}//'; exit 0;;
+    -h|--help) sed -n '2,38p' "$0" | sed 's/^# \{0,1\}//'; exit 0;;
     *) echo "store.sh: unknown option $1 (see --help)" >&2; exit 2;;
   esac
 done
