@@ -11,14 +11,12 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from pg_support import PgCluster, pg_cluster, pg_url
+from pg_support import PgCluster, require_pg
 from test_queue_store import held
 
 from mailguard.errors import StoreError
 from mailguard.queue.postgres import PostgresStore
 from mailguard.queue.store import State
-
-__all__ = ["pg_cluster", "pg_url"]
 
 LEASE = timedelta(seconds=3)
 
@@ -27,9 +25,16 @@ LEASE = timedelta(seconds=3)
     strict=True, raises=AssertionError, reason="the lease of a failed final commit is renewed"
 )
 @pytest.mark.asyncio
-async def test_failed_delivered_commit_lets_another_node_take_over(
-    pg_url: str, pg_cluster: PgCluster
-) -> None:
+async def test_failed_delivered_commit_lets_another_node_take_over() -> None:
+    # a cluster of its own: this test stops and restarts the server
+    pg_cluster = PgCluster(require_pg()).start()
+    try:
+        await _scenario(pg_cluster, pg_cluster.new_database())
+    finally:
+        pg_cluster.stop()
+
+
+async def _scenario(pg_cluster: PgCluster, pg_url: str) -> None:
     now = datetime.now(UTC)
     h = held(now - timedelta(minutes=10), due=timedelta(0))
     s = PostgresStore(pg_url)
