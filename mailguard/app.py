@@ -342,10 +342,10 @@ class Service:
             await self._metrics_web.cleanup()
         if self.upstream is not None:
             await self.upstream.close()
+        if self.lookups is not None:  # its last history batch may need the store (PgHistory)
+            await self.lookups.close()
         if self.store is not None:
             await self.store.close()
-        if self.lookups is not None:
-            await self.lookups.close()
 
     async def run(self, *, grace: float = 30.0) -> int:
         """Start and serve until SIGTERM/SIGINT; SIGHUP reloads. Returns the exit code."""

@@ -1,13 +1,15 @@
 #!/bin/sh
-# configure.sh CONFIG_DIR SNIPPET_DIR — Postfix config for the compose demo, built from the
-# same deploy/postfix snippets an admin installs, adapted to a container network:
-# MailGuard is the host "mailguard", the reinjection smtpd listens on all addresses (other
-# containers reach it), and "loopback" becomes loopback plus the private ranges.
+# configure.sh CONFIG_DIR SNIPPET_DIR [GUARD_HOST] — Postfix config for the compose demo, built
+# from the same deploy/postfix snippets an admin installs, adapted to a container network:
+# MailGuard is the host GUARD_HOST (default "mailguard"; compose.postgres.yaml builds one
+# Postfix per guard), the reinjection smtpd listens on all addresses (other containers reach
+# it), and "loopback" becomes loopback plus the private ranges.
 # All final delivery goes to Mailpit (relayhost), never to the Internet.
 # Also run by scripts/check_deploy.sh against a temp dir (postconf -c, no warnings allowed).
 set -eu
 CONF=${1:?CONFIG_DIR}
 SNIP=${2:?SNIPPET_DIR}
+GUARD=${3:-mailguard}
 NETS=127.0.0.0/8,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16
 
 cat > "$CONF/main.cf" <<MAIN
@@ -31,7 +33,7 @@ MAIN
 cat "$SNIP/main.cf.snippet" >> "$CONF/main.cf"
 
 cp /usr/share/postfix/master.cf.dist "$CONF/master.cf"
-sed -e 's/scan:\[127\.0\.0\.1\]:10025/scan:[mailguard]:10025/' \
+sed -e "s/scan:\\[127\\.0\\.0\\.1\\]:10025/scan:[$GUARD]:10025/" \
     -e 's/^127\.0\.0\.1:10026 /10026 /' \
     -e "s|=127\.0\.0\.0/8\$|=$NETS|" \
     "$SNIP/master.cf.snippet" >> "$CONF/master.cf"
