@@ -23,6 +23,12 @@
 #             -> Postfix smtpd :10032 -> sink (deploy/postfix/before-queue settings)
 #   gw:       smtp-source -> MailGuard :10033 (observe) -> Postfix smtpd :10034 -> sink
 #             (the gateway: MailGuard in front of the outbound Postfix)
+#   ml:       smtp-source -> Postfix :12532 (smtpd_milters = inet:127.0.0.1:10035) -> queue -> sink,
+#             the milter being bench/milter_proto.py (MailGuard's pipeline, observe policy, behind
+#             kilter.protocol; a measurement prototype, not shipped). Not in the default --onepass:
+#             add it, e.g. --onepass "bq0 bq ml0 ml" (needs `pip install kilter.protocol`).
+#   ml0:      same on :12533 / :10036 with milter_proto.py --null (collects the message, answers
+#             CONTINUE, no checks): the ceiling of this milter path
 # Rates count messages until the sink has all of them (relay-bench --settle), one connection
 # per message, c20. Each round measures every path once per size; the ratio is taken within a
 # round (same machine load), and the table shows medians over the rounds.
@@ -51,7 +57,7 @@ while [ $# -gt 0 ]; do
     --policies) policies=$2; shift 2;;
     --onepass) onepass=$2; shift 2;;
     --settle) settle=$2; shift 2;;
-    -h|--help) sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; exit 0;;
+    -h|--help) sed -n '2,38p' "$0" | sed 's/^# \{0,1\}//'; exit 0;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2;;
   esac
 done
@@ -81,7 +87,7 @@ trap 'exit 143' TERM
 wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
 
 # --- Postfix alone --------------------------------------------------------------------------
-declare -A listen=([alone]=12525 [observe]=12527 [default]=12528 [bq0]=12529 [bq]=12530 [gw]=10033)
+declare -A listen=([alone]=12525 [observe]=12527 [default]=12528 [bq0]=12529 [bq]=12530 [gw]=10033 [ml]=12532 [ml0]=12533)
 declare -A filter=([observe]=10025 [default]=10027)
 declare -A mgpid=()
 "$harness" start --mode plain --listen "127.0.0.1:${listen[alone]}" --sink "127.0.0.1:$sink_port" \
@@ -143,12 +149,28 @@ start_mailguard() {  # $1 path, $2 listen port, $3 upstream port
   mgpid[$1]=$!; pids+=("$!")
   wait_port "$2" || { cat "$tmp/$1.serve.log" >&2; exit 1; }
 }
+start_milter() {  # $1 path, $2 submission, $3 milter port, $4 extra option: Postfix + smtpd_milters
+  local d=$tmp/$1 py
+  "$harness" start --mode plain --listen "127.0.0.1:$2" --sink "127.0.0.1:$sink_port" \
+    --smtpd-maxproc 20 --dir "$d" --no-install "${sets[@]}" >"$d.start" 2>&1 \
+    || { cat "$d.start" >&2; exit 1; }
+  dirs+=("$d")
+  postconf -c "$d/etc" -e "smtpd_milters=inet:127.0.0.1:$3" milter_default_action=tempfail
+  postfix -c "$d/etc" reload >/dev/null 2>&1
+  py=$(dirname "$mailguard")/python
+  "$py" "$repo/bench/milter_proto.py" --listen "127.0.0.1:$3" \
+    --policy "$repo/bench/policies/observe.toml" --store "$tmp/$1.db" ${4:-} >"$tmp/$1.serve.log" 2>&1 &
+  mgpid[$1]=$!; pids+=("$!")
+  wait_port "$3" || { cat "$tmp/$1.serve.log" >&2; exit 1; }
+}
 for path in $onepass; do
   case "$path" in
+    ml) start_milter ml 12532 10035 ;;
+    ml0) start_milter ml0 12533 10036 --null ;;
     bq0) start_onepass bq0 12529 10030 10030 ;;
     bq) start_onepass bq 12530 10031 10032; start_mailguard bq 10031 10032 ;;
     gw) start_onepass gw 12531 "" 10034; start_mailguard gw 10033 10034 ;;
-    *) echo "postfix.sh: unknown --onepass path $path (bq0, bq, gw)" >&2; exit 2 ;;
+    *) echo "postfix.sh: unknown --onepass path $path (bq0, bq, gw, ml, ml0)" >&2; exit 2 ;;
   esac
 done
 sleep 1  # reloaded masters settle
@@ -209,6 +231,19 @@ if [[ " $onepass " == *" bq0 "* && " $onepass " == *" bq "* ]]; then
     ratios=$(awk -v s="$size" '$2==s && $3=="bq0" {a[$1]=$4} $2==s && $3=="bq" {m[$1]=$4}
       END { for (r in m) if (a[r] > 0) printf "%.2f\n", m[r]/a[r] }' "$tmp/results" | sort -n)
     printf "%-8s bq/bq0 %s   %s\n" "$size" "$(echo "$ratios" | median %.2f)" "$(echo "$ratios" | tr '\n' ' ')"
+  done
+fi
+# issue 15 item 5: the milter prototype against MailGuard as the before-queue proxy
+if [[ " $onepass " == *" ml "* ]]; then
+  for ref in bq bq0 ml0; do
+    [[ " $onepass " == *" $ref "* ]] || continue
+    echo
+    echo "milter: ml / $ref (median of per-round ratios)"
+    for size in $sizes; do
+      ratios=$(awk -v s="$size" -v r="$ref" '$2==s && $3==r {a[$1]=$4} $2==s && $3=="ml" {m[$1]=$4}
+        END { for (k in m) if (a[k] > 0) printf "%.2f\n", m[k]/a[k] }' "$tmp/results" | sort -n)
+      printf "%-8s ml/%-4s %s   %s\n" "$size" "$ref" "$(echo "$ratios" | median %.2f)" "$(echo "$ratios" | tr '\n' ' ')"
+    done
   done
 fi
 echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
