@@ -73,7 +73,13 @@ NO_REPLY = (
     | ProtocolFlags.NR_HEADER
     | ProtocolFlags.HEADER_LEADING_SPACE
 )
-ACTIONS = ActionFlags.SETSYMLIST  # macro "i" (the queue id) at end-of-message; no edits
+ACTIONS = ActionFlags.SETSYMLIST  # the macros below; no edit actions
+# the client (as XFORWARD NAME/ADDR would give it) and Postfix's queue id, for the log line
+# and for the XFORWARD MailGuard sends when it relays a held or rewritten message itself
+MACROS = {
+    Stage.CONNECT: ["{client_addr}", "{client_name}"],
+    Stage.END_MESSAGE: ["i"],
+}
 CONTINUE_TEXT = "2.0.0 MailGuard: Postfix queues it"
 
 
@@ -115,8 +121,6 @@ class _Transaction:
     rcpt_options: list[list[str]] = field(default_factory=list)
     parts: list[bytes] = field(default_factory=list)  # header lines, blank line, body chunks
     in_body: bool = False
-    queue_id: str = ""
-    client_addr: str = ""
 
 
 def _addr(b: bytes | memoryview) -> str:
@@ -141,6 +145,7 @@ class _Session:
         self.inbuf = SimpleBuffer(BUFSIZE)
         self.outbuf = SimpleBuffer(1024)
         self.tx = _Transaction()
+        self.macros: dict[str, str] = {}  # {client_addr}, {client_name}, i (the queue id)
         self.busy = False  # between end-of-message and our answer
 
     def _send(self, message: Negotiate | Continue | Discard | ReplyCode) -> None:
@@ -174,7 +179,7 @@ class _Session:
             value = bytes(msg.value).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
             tx.parts.append(msg.name.encode("utf-8", "surrogateescape") + b":" + value + b"\r\n")
         elif isinstance(msg, EnvelopeFrom):
-            self.tx = tx = _Transaction(client_addr=tx.client_addr)
+            self.tx = tx = _Transaction()
             tx.mail_from, tx.mail_options = _addr(msg.sender), _args(msg.arguments)
         elif isinstance(msg, EnvelopeRecipient):
             tx.rcpts.append(_addr(msg.recipient))
@@ -183,19 +188,19 @@ class _Session:
             tx.parts.append(b"\r\n")
             tx.in_body = True
         elif isinstance(msg, Macro):
-            tx.queue_id = msg.macros.get("i", tx.queue_id)
+            self.macros.update(msg.macros)
         elif isinstance(msg, Negotiate):
             self._send(
                 Negotiate(
                     6,
                     ACTIONS & msg.action_flags,
                     NO_REPLY & msg.protocol_flags,
-                    {Stage.END_MESSAGE: ["i"]},
+                    MACROS,
                 )
             )
             return True
         elif isinstance(msg, Abort):
-            self.tx = _Transaction(client_addr=tx.client_addr)
+            self.tx = _Transaction()
             return True
         elif isinstance(msg, Close):
             return False
@@ -204,7 +209,7 @@ class _Session:
         return True
 
     async def _end_of_message(self) -> None:
-        tx, self.tx = self.tx, _Transaction(client_addr=self.tx.client_addr)
+        tx, self.tx = self.tx, _Transaction()
         if not tx.in_body:
             tx.parts.append(b"\r\n")
         content = b"".join(tx.parts)
@@ -214,7 +219,16 @@ class _Session:
             tx.rcpts,
             mail_options=tx.mail_options,
             rcpt_options=tx.rcpt_options,
-            xforward={"IDENT": tx.queue_id} if tx.queue_id else {},
+            xforward={
+                k: v
+                for k, v in (
+                    ("NAME", self.macros.get("{client_name}", "")),
+                    ("ADDR", self.macros.get("{client_addr}", "")),
+                    ("IDENT", self.macros.get("i", "")),
+                )
+                if v
+            },
+            client_addr=self.macros.get("{client_addr}", ""),
         )
         verdict = _Verdict(content)
         token = _current.set(verdict)

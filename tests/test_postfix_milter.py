@@ -187,7 +187,7 @@ def test_mailguard_down_the_sender_gets_4xx_and_nothing_passes(rig: Rig) -> None
     try:
         mid, raw = make_message(CLEAN_SENDER, "ml-down")
         code, text = send(pf.submission, CLEAN_SENDER, [RCPT], raw)
-        assert 400 <= code < 500, (code, text)
+        assert 400 <= code < 500 and "4.7.1" in text, (code, text)  # milter_default_action
         time.sleep(1)
         assert not arrived(rig, mid), "milter bypassed"
     finally:
