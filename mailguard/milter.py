@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import socket
 from dataclasses import dataclass, field
 
 from kilter.protocol import (
@@ -154,10 +155,17 @@ class _Session:
         del self.outbuf[:]
 
     async def run(self) -> None:
+        sock = self.writer.get_extra_info("socket")
+        quickack = sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
         while True:
             data = await self.reader.read(self.inbuf.available)
             if not data:
                 return
+            if quickack:
+                # Postfix writes its packets without waiting for replies (NR flags) and with
+                # Nagle on: a delayed ACK from here (up to 40 ms, Linux) holds its next packet,
+                # the end-of-message one included. Linux clears QUICKACK by itself: re-arm it.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
             self.inbuf[:] = data
             eom = False
             for msg in self.proto.read_from(self.inbuf):
