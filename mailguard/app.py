@@ -29,7 +29,7 @@ from mailguard.envelope import Envelope, Reply
 from mailguard.errors import ConfigError
 from mailguard.history import DomainHistory
 from mailguard.lookups import HistoryBackend, HistoryCache, Lookups
-from mailguard.pipeline import Content, Pipeline, Settings
+from mailguard.pipeline import Content, Pipeline, Relay, Settings
 from mailguard.policy import Policy, builtin_policy, load_policy, warn_uninspected
 from mailguard.queue import HoldService
 from mailguard.queue.backends import Store, make_store
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
     from mailguard.dns import DomainResolver
     from mailguard.metrics import Metrics
+    from mailguard.milter import MilterFront
     from mailguard.scheduler import Scheduler
 
 log = logging.getLogger("mailguard.app")
@@ -141,6 +142,7 @@ class Service:
         self.policy = policy if policy is not None else policy_for(cfg)  # ConfigError early
         self.pipeline: Pipeline | None = None
         self.front: Server | None = None
+        self.milter: MilterFront | None = None
         self.upstream: Upstream | None = None
         self.lookups: Lookups | None = None
         self.store: Store | None = None
@@ -172,10 +174,15 @@ class Service:
         self.queue = HoldService(
             self.store, public_url=public_url(cfg), lang=cfg.notify.lang, admin=cfg.notify.admin
         )
+        relay: Relay = self.upstream
+        if cfg.milter.listen is not None:
+            from mailguard.milter import MilterRelay
+
+            relay = MilterRelay(self.upstream)  # "relay as received" = Postfix continues
         self.pipeline = Pipeline(
             self.policy,
             self.lookups,
-            self.upstream,
+            relay,
             queue=self.queue,
             metrics=m,
             settings=settings_for(cfg),
@@ -196,6 +203,11 @@ class Service:
             await self._start_worker0()
         gc.freeze()  # start-up objects (policy, PSL, templates) live for ever: skip them in GC
         await self.front.listen()
+        if cfg.milter.listen is not None:
+            from mailguard.milter import MilterFront
+
+            self.milter = MilterFront(self.pipeline.handle, *cfg.milter.listen, reuse_port=True)
+            await self.milter.listen()
 
     async def _start_worker0(self) -> None:
         """Scheduler and web side: one process only (one scheduler per store)."""
@@ -329,6 +341,8 @@ class Service:
 
     async def stop(self, grace: float = 30.0) -> None:
         """No new connections; transactions in flight finish (bounded); then the rest closes."""
+        if self.milter is not None:
+            await self.milter.stop(grace)
         if self.front is not None:
             await self.front.stop(grace)
         if self.scheduler is not None:

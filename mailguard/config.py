@@ -151,6 +151,12 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MilterConfig:
+    # Postfix calls MailGuard over the milter protocol here (smtpd_milters); "" = no milter
+    listen: HostPort | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class NotifyConfig:
     sender: str = "mailguard@localhost"  # From of the guard's own notices
     charset: str = "utf-8"  # or "iso-2022-jp"
@@ -188,6 +194,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     web: WebConfig = field(default_factory=WebConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    milter: MilterConfig = field(default_factory=MilterConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -201,6 +208,7 @@ Section = (
     | StoreConfig
     | WebConfig
     | MetricsConfig
+    | MilterConfig
     | NotifyConfig
     | DnsConfig
     | LogConfig
@@ -257,6 +265,7 @@ _CONVERT: dict[tuple[str, str], Callable[[object], object]] = {
     ("web", "miss_window"): _duration,
     ("web", "login_fail_window"): _duration,
     ("metrics", "listen"): _opt_hostport,
+    ("milter", "listen"): _opt_hostport,
     ("store", "path"): _path,
     ("store", "url"): _pg_url,
     ("store", "lease"): _duration,
@@ -269,6 +278,7 @@ _SECTIONS: dict[str, type[Section]] = {
     "store": StoreConfig,
     "web": WebConfig,
     "metrics": MetricsConfig,
+    "milter": MilterConfig,
     "notify": NotifyConfig,
     "dns": DnsConfig,
     "log": LogConfig,
@@ -348,6 +358,7 @@ def from_dict(data: Mapping[str, object], *, source: str = "", text: str = "") -
         store=_pick(sections, "store", StoreConfig),
         web=_pick(sections, "web", WebConfig),
         metrics=_pick(sections, "metrics", MetricsConfig),
+        milter=_pick(sections, "milter", MilterConfig),
         notify=_pick(sections, "notify", NotifyConfig),
         dns=_pick(sections, "dns", DnsConfig),
         log=_pick(sections, "log", LogConfig),

@@ -31,6 +31,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--upstream", metavar="HOST:PORT", help="upstream MTA [127.0.0.1:10026]")
     p.add_argument("--policy", metavar="FILE", help="policy file [policies/default.toml]")
     p.add_argument(
+        "--milter",
+        metavar="HOST:PORT",
+        help="also take mail from Postfix's smtpd_milters here ([milter] listen) [off]",
+    )
+    p.add_argument(
         "--store",
         metavar="PATH|URL",
         help="queue/history SQLite file [var/mailguard.db], or postgresql://… shared by several "
@@ -56,6 +61,8 @@ def apply_overrides(cfg: Config, args: argparse.Namespace) -> Config:
     try:
         if args.listen:
             cfg = replace(cfg, smtp=replace(cfg.smtp, listen=parse_hostport(args.listen)))
+        if getattr(args, "milter", None):
+            cfg = replace(cfg, milter=replace(cfg.milter, listen=parse_hostport(args.milter)))
         if args.upstream:
             up = parse_hostport(args.upstream)
             cfg = replace(cfg, upstream=replace(cfg.upstream, address=up))
