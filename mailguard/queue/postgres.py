@@ -40,9 +40,20 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from mailguard.errors import StoreError
+from mailguard.queue.rows import (
+    HELD_COLS,
+    NOTICE_COLS,
+    WHY_CLAIMED,
+    WHY_TAKEN_OVER,
+    check_redeem,
+    held_from,
+    held_values,
+    notice_from,
+    notice_row,
+    plan_move,
+    token_from,
+)
 from mailguard.queue.store import (
-    ALLOWED,
-    TERMINAL,
     AuditEntry,
     Held,
     NewNotice,
@@ -155,12 +166,8 @@ CREATE INDEX web_miss_client ON web_miss(client, at);
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
-_COLS = (
-    "id, state, gate, mail_from, rcpt_tos, queue_id, created, due, on_timeout, envelope, "
-    "decision, summary, size, updated, attempts, next_attempt, first_release, lease_until, "
-    "last_reply, last_by, last_why"
-)
-_NOTICE_COLS = "id, msg_id, kind, rcpts, data, null_sender, attempts, created, state, last_reply"
+_COLS = HELD_COLS
+_NOTICE_COLS = NOTICE_COLS
 # What a pooled connection is to the type checker; the code uses it as a Connection.
 Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 _ERRORS = (
@@ -205,44 +212,11 @@ async def _init_connection(c: Conn) -> None:
 
 
 def _held(r: asyncpg.Record) -> Held:
-    return Held(
-        id=r["id"],
-        state=State(r["state"]),
-        gate=r["gate"],
-        mail_from=r["mail_from"],
-        rcpt_tos=tuple(r["rcpt_tos"]),
-        created=r["created"],
-        due=r["due"],
-        on_timeout=r["on_timeout"],
-        queue_id=r["queue_id"],
-        envelope=r["envelope"],
-        decision=r["decision"],
-        summary=r["summary"],
-        size=r["size"],
-        updated=r["updated"],
-        attempts=r["attempts"],
-        next_attempt=r["next_attempt"],
-        first_release=r["first_release"],
-        lease_until=r["lease_until"],
-        last_reply=r["last_reply"],
-        last_by=r["last_by"],
-        last_why=r["last_why"],
-    )
+    return held_from(r)
 
 
 def _notice(r: asyncpg.Record) -> PendingNotice:
-    return PendingNotice(
-        id=r["id"],
-        msg_id=r["msg_id"],
-        kind=r["kind"],
-        to=tuple(r["rcpts"]),
-        data=r["data"],
-        null_sender=r["null_sender"],
-        attempts=r["attempts"],
-        created=r["created"],
-        state=r["state"],
-        last_reply=r["last_reply"],
-    )
+    return notice_from(r)
 
 
 class PostgresStore:
@@ -512,9 +486,7 @@ class PostgresStore:
     async def _insert_notices(c: Conn, notices: Sequence[NewNotice], now: datetime) -> list[int]:
         ids = []
         for n in notices:
-            parked = n.after_delivery is not None
-            if parked and not n.msg_id:
-                raise ValueError("a notice parked until delivery needs its message id")
+            row = notice_row(n)
             nid = await c.fetchval(
                 "INSERT INTO notice(msg_id, kind, rcpts, data, null_sender, created, "
                 "next_attempt, state, delay) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9) RETURNING id",
@@ -525,8 +497,8 @@ class PostgresStore:
                 n.null_sender,
                 now,
                 n.due,
-                "parked" if parked else "pending",
-                n.after_delivery.total_seconds() if n.after_delivery is not None else 0.0,
+                row.state,
+                row.delay,
             )
             ids.append(int(nid))
         return ids
@@ -559,27 +531,7 @@ class PostgresStore:
             await c.execute(
                 f"INSERT INTO held({_COLS}) VALUES "
                 "($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21)",
-                item.id,
-                item.state.value,
-                item.gate,
-                item.mail_from,
-                list(item.rcpt_tos),
-                item.queue_id,
-                item.created,
-                item.due,
-                item.on_timeout,
-                dict(item.envelope),
-                dict(item.decision),
-                dict(item.summary),
-                len(raw),
-                item.created,
-                item.attempts,
-                item.next_attempt,
-                item.first_release,
-                None,
-                "",
-                by,
-                why,
+                *held_values(item, len(raw), by, why),
             )
             await c.execute("INSERT INTO raw(id, bytes) VALUES ($1, $2)", item.id, raw)
             if tokens:
@@ -613,28 +565,18 @@ class PostgresStore:
         last_reply: str | None,
     ) -> Held:
         cur = await self._get(c, msg_id, lock=True)
-        if cur is None or to not in ALLOWED[cur.state] or (expect and cur.state not in expect):
-            raise TransitionError(msg_id, cur.state if cur else None, to)
-        sets = ["state = $2", "updated = $3", "last_by = $4", "last_why = $5"]
-        args: list[Any] = [to.value, now, by, why]
-        if to is State.RELEASED:
-            args.append(next_attempt or now)
-            sets.append(f"next_attempt = ${len(args) + 1}")
-            if cur.first_release is None:
-                args.append(now)
-                sets.append(f"first_release = ${len(args) + 1}")
-        if to in TERMINAL or to is State.RELEASED:
-            sets += ["lease_until = NULL", "lease_owner = NULL"]
-        if last_reply is not None:
-            args.append(last_reply)
-            sets.append(f"last_reply = ${len(args) + 1}")
-        await c.execute(f"UPDATE held SET {', '.join(sets)} WHERE id = $1", msg_id, *args)
-        if to in TERMINAL:
+        plan = plan_move(cur, msg_id, to, now, by, why, expect, next_attempt, last_reply)
+        assert cur is not None
+        sets = ", ".join(f"{col} = ${i}" for i, (col, _) in enumerate(plan.assign, 2))
+        await c.execute(
+            f"UPDATE held SET {sets} WHERE id = $1", msg_id, *(v for _, v in plan.assign)
+        )
+        if plan.drop_raw:
             await c.execute("DELETE FROM raw WHERE id = $1", msg_id)
-            if to is State.DELIVERED:
-                await self._release_parked(c, msg_id, now)
-            else:
-                await c.execute("DELETE FROM notice WHERE msg_id = $1 AND state = 'parked'", msg_id)
+        if plan.parked == "release":
+            await self._release_parked(c, msg_id, now)
+        elif plan.parked == "drop":
+            await c.execute("DELETE FROM notice WHERE msg_id = $1 AND state = 'parked'", msg_id)
         await self._audit(c, msg_id, now, cur.state, to, by, why)
         await self._insert_notices(c, notices, now)
         new = await self._get(c, msg_id)
@@ -675,14 +617,7 @@ class PostgresStore:
         held = await PostgresStore._get(c, r["msg_id"], lock=lock)
         if held is None:
             return None
-        info = TokenInfo(
-            msg_id=r["msg_id"],
-            role=r["role"],
-            who=r["who"],
-            expires=r["expires"],
-            used_at=r["used_at"],
-            used_for=r["used_for"],
-        )
+        info = token_from(r)
         return info, held
 
     async def token(self, token_hash: bytes) -> tuple[TokenInfo, Held] | None:
@@ -704,12 +639,7 @@ class PostgresStore:
             if found is None:
                 raise TokenError("unknown")
             info, held = found
-            if info.used_at is not None:
-                raise TokenError("used", held)
-            if held.state is not State.HELD:
-                raise TokenError("decided", held)
-            if info.expires <= now:
-                raise TokenError("expired", held)
+            check_redeem(info, held, now)
             await c.execute(
                 "UPDATE token SET used_at = $1, used_for = $2 WHERE hash = $3",
                 now,
@@ -820,8 +750,8 @@ class PostgresStore:
                 )
                 UPDATE held AS h SET state = 'delivering', lease_until = $2, lease_owner = $3,
                     attempts = h.attempts + 1, updated = $1, last_by = 'scheduler',
-                    last_why = CASE WHEN due.prev = 'released' THEN 'delivery attempt'
-                                    ELSE 'lease ran out (crash?)' END
+                    last_why = CASE WHEN due.prev = 'released' THEN '{WHY_CLAIMED}'
+                                    ELSE '{WHY_TAKEN_OVER}' END
                 FROM due WHERE h.id = due.id
                 RETURNING {", ".join("h." + col.strip() for col in _COLS.split(","))}, due.prev
                 """,

@@ -31,9 +31,19 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mailguard.errors import StoreError
+from mailguard.queue.rows import (
+    HELD_COLS,
+    check_redeem,
+    claim_why,
+    encode_values,
+    held_from,
+    held_values,
+    notice_from,
+    notice_row,
+    plan_move,
+    token_from,
+)
 from mailguard.queue.store import (
-    ALLOWED,
-    TERMINAL,
     AuditEntry,
     Held,
     NewNotice,
@@ -126,52 +136,19 @@ CREATE INDEX IF NOT EXISTS notice_due ON notice(state, next_attempt);
 CREATE INDEX IF NOT EXISTS notice_msg ON notice(msg_id);
 """
 
-_COLS = (
-    "id, state, gate, mail_from, rcpt_tos, queue_id, created, due, on_timeout, envelope, "
-    "decision, summary, size, updated, attempts, next_attempt, first_release, lease_until, "
-    "last_reply, last_by, last_why"
-)
+_COLS = HELD_COLS
+
+
+def _json_out(v: Any) -> str:
+    return json.dumps(v, ensure_ascii=False, default=str)
 
 
 def _row_to_held(r: sqlite3.Row) -> Held:
-    return Held(
-        id=r["id"],
-        state=State(r["state"]),
-        gate=r["gate"],
-        mail_from=r["mail_from"],
-        rcpt_tos=tuple(json.loads(r["rcpt_tos"])),
-        created=dt(r["created"]),  # type: ignore[arg-type]
-        due=dt(r["due"]),  # type: ignore[arg-type]
-        on_timeout=r["on_timeout"],
-        queue_id=r["queue_id"],
-        envelope=json.loads(r["envelope"]),
-        decision=json.loads(r["decision"]),
-        summary=json.loads(r["summary"]),
-        size=r["size"],
-        updated=dt(r["updated"]),
-        attempts=r["attempts"],
-        next_attempt=dt(r["next_attempt"]),
-        first_release=dt(r["first_release"]),
-        lease_until=dt(r["lease_until"]),
-        last_reply=r["last_reply"],
-        last_by=r["last_by"],
-        last_why=r["last_why"],
-    )
+    return held_from(r, json.loads, dt)
 
 
 def _row_to_notice(r: sqlite3.Row) -> PendingNotice:
-    return PendingNotice(
-        id=r["id"],
-        msg_id=r["msg_id"],
-        kind=r["kind"],
-        to=tuple(json.loads(r["rcpts"])),
-        data=json.loads(r["data"]),
-        null_sender=bool(r["null_sender"]),
-        attempts=r["attempts"],
-        created=dt(r["created"]),  # type: ignore[arg-type]
-        state=r["state"],
-        last_reply=r["last_reply"],
-    )
+    return notice_from(r, json.loads, dt)
 
 
 class SqliteStore:
@@ -305,9 +282,7 @@ class SqliteStore:
     ) -> list[int]:
         ids = []
         for n in notices:
-            parked = n.after_delivery is not None
-            if parked and not n.msg_id:
-                raise ValueError("a notice parked until delivery needs its message id")
+            row = notice_row(n)
             cur = c.execute(
                 "INSERT INTO notice(msg_id, kind, rcpts, data, null_sender, created, "
                 "next_attempt, state, delay) VALUES (?,?,?,?,?,?,?,?,?)",
@@ -319,8 +294,8 @@ class SqliteStore:
                     int(n.null_sender),
                     now,
                     ts(n.due),
-                    "parked" if parked else "pending",
-                    n.after_delivery.total_seconds() if n.after_delivery is not None else 0.0,
+                    row.state,
+                    row.delay,
                 ),
             )
             ids.append(int(cur.lastrowid or 0))
@@ -347,29 +322,7 @@ class SqliteStore:
         def work(c: sqlite3.Connection) -> None:
             c.execute(
                 f"INSERT INTO held({_COLS}) VALUES ({','.join('?' * 21)})",
-                (
-                    item.id,
-                    item.state.value,
-                    item.gate,
-                    item.mail_from,
-                    json.dumps(list(item.rcpt_tos)),
-                    item.queue_id,
-                    ts(item.created),
-                    ts(item.due),
-                    item.on_timeout,
-                    json.dumps(dict(item.envelope)),
-                    json.dumps(dict(item.decision), ensure_ascii=False, default=str),
-                    json.dumps(dict(item.summary), ensure_ascii=False, default=str),
-                    len(raw),
-                    ts(item.created),
-                    item.attempts,
-                    ts(item.next_attempt),
-                    ts(item.first_release),
-                    None,
-                    "",
-                    by,
-                    why,
-                ),
+                encode_values(held_values(item, len(raw), by, why), _json_out, ts),
             )
             c.execute("INSERT INTO raw(id, bytes) VALUES (?, ?)", (item.id, raw))
             c.executemany(
@@ -409,29 +362,17 @@ class SqliteStore:
         last_reply: str | None,
     ) -> Held:
         cur = self._get(c, msg_id)
-        if cur is None or to not in ALLOWED[cur.state] or (expect and cur.state not in expect):
-            raise TransitionError(msg_id, cur.state if cur else None, to)
-        sets = ["state = ?", "updated = ?", "last_by = ?", "last_why = ?"]
-        args: list[Any] = [to.value, ts(now), by, why]
-        if to is State.RELEASED:
-            sets.append("next_attempt = ?")
-            args.append(ts(next_attempt or now))
-            if cur.first_release is None:
-                sets.append("first_release = ?")
-                args.append(ts(now))
-        if to in TERMINAL or to is State.RELEASED:
-            sets += ["lease_until = NULL", "lease_owner = NULL"]
-        if last_reply is not None:
-            sets.append("last_reply = ?")
-            args.append(last_reply)
-        c.execute(f"UPDATE held SET {', '.join(sets)} WHERE id = ?", (*args, msg_id))
-        if to in TERMINAL:
-            # Content is not kept after the fact; metadata and audit stay.
+        plan = plan_move(cur, msg_id, to, now, by, why, expect, next_attempt, last_reply)
+        assert cur is not None
+        sets = ", ".join(f"{col} = ?" for col, _ in plan.assign)
+        args = [ts(v) if isinstance(v, datetime) else v for _, v in plan.assign]
+        c.execute(f"UPDATE held SET {sets} WHERE id = ?", (*args, msg_id))
+        if plan.drop_raw:
             c.execute("DELETE FROM raw WHERE id = ?", (msg_id,))
-            if to is State.DELIVERED:
-                self._release_parked(c, msg_id, now)
-            else:  # cancelled, expired, failed: a password must not go out for it
-                c.execute("DELETE FROM notice WHERE msg_id = ? AND state = 'parked'", (msg_id,))
+        if plan.parked == "release":
+            self._release_parked(c, msg_id, now)
+        elif plan.parked == "drop":
+            c.execute("DELETE FROM notice WHERE msg_id = ? AND state = 'parked'", (msg_id,))
         self._audit(c, msg_id, now, cur.state, to, by, why)
         self._insert_notices(c, notices, ts(now) or 0.0)
         new = self._get(c, msg_id)
@@ -468,14 +409,7 @@ class SqliteStore:
         held = self._get(c, r["msg_id"])
         if held is None:
             return None
-        info = TokenInfo(
-            msg_id=r["msg_id"],
-            role=r["role"],
-            who=r["who"],
-            expires=dt(r["expires"]),  # type: ignore[arg-type]
-            used_at=dt(r["used_at"]),
-            used_for=r["used_for"],
-        )
+        info = token_from(r, dt)
         return info, held
 
     async def token(self, token_hash: bytes) -> tuple[TokenInfo, Held] | None:
@@ -497,12 +431,7 @@ class SqliteStore:
             if found is None:
                 raise TokenError("unknown")
             info, held = found
-            if info.used_at is not None:
-                raise TokenError("used", held)
-            if held.state is not State.HELD:
-                raise TokenError("decided", held)
-            if info.expires <= now:
-                raise TokenError("expired", held)
+            check_redeem(info, held, now)
             c.execute(
                 "UPDATE token SET used_at = ?, used_for = ? WHERE hash = ?",
                 (ts(now), action, token_hash),
@@ -618,7 +547,7 @@ class SqliteStore:
             out = []
             for r in rows:
                 frm = State(r["state"])
-                why = "delivery attempt" if frm is State.RELEASED else "lease ran out (crash?)"
+                why = claim_why(frm)
                 c.execute(
                     "UPDATE held SET state = 'delivering', lease_until = ?, lease_owner = ?, "
                     "attempts = attempts + 1, updated = ?, last_by = 'scheduler', last_why = ? "
