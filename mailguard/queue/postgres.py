@@ -55,6 +55,7 @@ from mailguard.queue.rows import (
 )
 from mailguard.queue.store import (
     AuditEntry,
+    Budget,
     Held,
     NewNotice,
     NewToken,
@@ -70,6 +71,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _ADVISORY_KEY = 0x6D61696C67756172  # "mailguar": serialises migrations across nodes
+_RATE_LOCK = 0x6D67726C  # "mgrl" (+ the kind's hash): serialises rate-limit counting
 
 # (version, name, SQL). Append only; never edit a shipped step.
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
@@ -161,6 +163,16 @@ CREATE TABLE web_miss (
     at timestamptz NOT NULL
 );
 CREATE INDEX web_miss_client ON web_miss(client, at);
+""",
+    ),
+    (
+        2,
+        "web rate limits by kind (unknown-token misses, failed admin logins)",
+        """
+ALTER TABLE web_miss ADD COLUMN kind text NOT NULL DEFAULT 'token';
+DROP INDEX web_miss_client;
+CREATE INDEX web_miss_client ON web_miss(kind, client, at);
+CREATE INDEX web_miss_at ON web_miss(kind, at);
 """,
     ),
 )
@@ -883,35 +895,46 @@ class PostgresStore:
 
     # -- web rate limits shared by every node ---------------------------------------------------
 
-    async def web_miss(self, client: str, window: float) -> int:
-        """Count one unknown-token request from `client`; its misses within `window` seconds."""
+    async def rate_hit(self, budget: Budget, client: str) -> bool:
+        """Counted under a per-kind advisory lock, so two nodes counting at the same instant
+        cannot both take the last unit of a budget. The database's clock (`now()`) decides the
+        window: nodes' clocks do not matter. Not worth a WAL flush: synchronous_commit off for
+        this transaction (a crash of the database host may forget the last few misses)."""
 
-        async def work(c: Conn) -> int:
+        async def work(c: Conn) -> bool:
+            await c.execute("SET LOCAL synchronous_commit = off")
             await c.execute(
-                "DELETE FROM web_miss WHERE client = $1 AND at < now() - make_interval(secs => $2)",
-                client,
-                window,
+                "SELECT pg_advisory_xact_lock($1, hashtext($2))", _RATE_LOCK, budget.kind
             )
-            await c.execute("INSERT INTO web_miss(client, at) VALUES ($1, now())", client)
-            return int(await c.fetchval("SELECT count(*) FROM web_miss WHERE client = $1", client))
+            await c.execute(
+                "DELETE FROM web_miss WHERE kind = $1 AND at <= now() - make_interval(secs => $2)",
+                budget.kind,
+                budget.window,
+            )
+            mine, everyone = await self._rate_counts(c, budget, client)
+            over = budget.over(mine, everyone)
+            if not over and budget.records(everyone):
+                await c.execute(
+                    "INSERT INTO web_miss(kind, client, at) VALUES ($1, $2, now())",
+                    budget.kind,
+                    client,
+                )
+            return over
 
         return await self._tx(work)
 
-    async def web_misses(self, client: str, window: float) -> int:
-        v = await self._read(
-            lambda c: c.fetchval(
-                "SELECT count(*) FROM web_miss WHERE client = $1 "
-                "AND at >= now() - make_interval(secs => $2)",
-                client,
-                window,
-            )
+    @staticmethod
+    async def _rate_counts(c: Conn, budget: Budget, client: str) -> tuple[int, int]:
+        r = await c.fetchrow(
+            "SELECT count(*) FILTER (WHERE client = $2) AS mine, count(*) AS everyone "
+            "FROM web_miss WHERE kind = $1 AND at > now() - make_interval(secs => $3)",
+            budget.kind,
+            client,
+            budget.window,
         )
-        return int(v)
+        assert r is not None
+        return int(r["mine"]), int(r["everyone"])
 
-    async def web_miss_sweep(self, window: float) -> int:
-        r: str = await self._tx(
-            lambda c: c.execute(
-                "DELETE FROM web_miss WHERE at < now() - make_interval(secs => $1)", window
-            )
-        )
-        return int(r.split()[-1])
+    async def rate_blocked(self, budget: Budget, client: str) -> bool:
+        mine, everyone = await self._read(lambda c: self._rate_counts(c, budget, client))
+        return budget.over(mine, everyone)

@@ -212,34 +212,6 @@ def claim_why(prev: State) -> str:
     return WHY_CLAIMED if prev is State.RELEASED else WHY_TAKEN_OVER
 
 
-# -- web rate limits (unknown tokens, failed admin logins), shared by every node -----------------
-
-# With no global budget, at most this many events per kind and window are recorded (rows stay
-# bounded under a flood from many addresses); per-client budgets still apply to what is recorded.
-RATE_ROWS_CAP = 100_000
-
-
-@dataclass(frozen=True, slots=True)
-class Budget:
-    """At most `limit` events per client and `global_limit` from all clients (0 = none) within
-    `window` seconds, for one `kind` ("token" misses, "login" failures)."""
-
-    kind: str
-    limit: int
-    window: float
-    global_limit: int = 0
-
-    def over(self, mine: int, everyone: int) -> bool:
-        return (self.global_limit > 0 and everyone >= self.global_limit) or (
-            self.limit > 0 and mine >= self.limit
-        )
-
-    def record(self, mine: int, everyone: int) -> bool:
-        """Count one more event? Not past a budget (rows stay bounded)."""
-        cap = self.global_limit if self.global_limit > 0 else RATE_ROWS_CAP
-        return everyone < cap and (self.limit <= 0 or mine < self.limit)
-
-
 def encode_values(
     values: Sequence[Any], json_out: Callable[[Any], Any], time_out: Callable[[Any], Any]
 ) -> tuple[Any, ...]:

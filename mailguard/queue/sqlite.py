@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -45,6 +46,7 @@ from mailguard.queue.rows import (
 )
 from mailguard.queue.store import (
     AuditEntry,
+    Budget,
     Held,
     NewNotice,
     NewToken,
@@ -61,7 +63,9 @@ from mailguard.queue.store import (
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2  # 2: notice.delay, state 'parked' (sent only after the message's delivery)
+# 2: notice.delay, state 'parked' (sent only after the message's delivery)
+# 3: web_miss (web rate limits in the store)
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS held (
     id TEXT PRIMARY KEY,
@@ -134,6 +138,13 @@ CREATE TABLE IF NOT EXISTS notice (
 );
 CREATE INDEX IF NOT EXISTS notice_due ON notice(state, next_attempt);
 CREATE INDEX IF NOT EXISTS notice_msg ON notice(msg_id);
+CREATE TABLE IF NOT EXISTS web_miss (
+    kind TEXT NOT NULL,
+    client TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS web_miss_client ON web_miss(kind, client, at);
+CREATE INDEX IF NOT EXISTS web_miss_at ON web_miss(kind, at);
 """
 
 _COLS = HELD_COLS
@@ -249,16 +260,23 @@ class SqliteStore:
             raise StoreError(f"{self.path}: store is not open")
         return self._db
 
-    def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run fn inside BEGIN IMMEDIATE … COMMIT (rolled back on any error)."""
+    def _tx(self, fn: Callable[[sqlite3.Connection], T], *, fsync: bool = True) -> T:
+        """Run fn inside BEGIN IMMEDIATE … COMMIT (rolled back on any error). fsync=False: a
+        commit that may be lost in a power cut (rate-limit counts), without the WAL fsync."""
         c = self._c
-        c.execute("BEGIN IMMEDIATE")
+        if not fsync:
+            c.execute("PRAGMA synchronous=NORMAL")
         try:
-            out = fn(c)
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
-        c.execute("COMMIT")
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                out = fn(c)
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+            c.execute("COMMIT")
+        finally:
+            if not fsync:
+                c.execute("PRAGMA synchronous=FULL")
         return out
 
     @staticmethod
@@ -652,5 +670,40 @@ class SqliteStore:
                 "SELECT * FROM notice WHERE msg_id = ? ORDER BY id", (msg_id,)
             ).fetchall()
             return [_row_to_notice(r) for r in rows]
+
+        return await self._run(work)
+
+    # -- web rate limits (every process on this file shares them) -------------------------------
+
+    @staticmethod
+    def _rate_counts(
+        c: sqlite3.Connection, budget: Budget, client: str, since: float
+    ) -> tuple[bool, int]:
+        mine, everyone = c.execute(
+            "SELECT count(*) FILTER (WHERE client = ?2), count(*) FROM web_miss "
+            "WHERE kind = ?1 AND at > ?3",
+            (budget.kind, client, since),
+        ).fetchone()
+        return budget.over(int(mine), int(everyone)), int(everyone)
+
+    async def rate_hit(self, budget: Budget, client: str) -> bool:
+        def work(c: sqlite3.Connection) -> bool:
+            now = time.time()
+            since = now - budget.window
+            c.execute("DELETE FROM web_miss WHERE kind = ? AND at <= ?", (budget.kind, since))
+            over, everyone = self._rate_counts(c, budget, client, since)
+            if not over and budget.records(everyone):
+                c.execute(
+                    "INSERT INTO web_miss(kind, client, at) VALUES (?, ?, ?)",
+                    (budget.kind, client, now),
+                )
+            return over
+
+        return await self._run(lambda: self._tx(work, fsync=False))
+
+    async def rate_blocked(self, budget: Budget, client: str) -> bool:
+        def work() -> bool:
+            since = time.time() - budget.window
+            return self._rate_counts(self._c, budget, client, since)[0]
 
         return await self._run(work)
