@@ -35,11 +35,11 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 from mailguard.errors import StoreError
+from mailguard.queue.backends import redact
 from mailguard.queue.rows import (
     HELD_COLS,
     NOTICE_COLS,
@@ -61,6 +61,7 @@ from mailguard.queue.store import (
     NewToken,
     Page,
     PendingNotice,
+    PutRequest,
     State,
     TokenError,
     TokenInfo,
@@ -191,23 +192,6 @@ _ERRORS = (
 )
 
 
-def is_url(store: str) -> bool:
-    """True for a PostgreSQL URL (`postgresql://…`, `postgres://…`), False for a file path."""
-    return store.startswith(("postgresql://", "postgres://"))
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for logs and messages."""
-    try:
-        u = urlsplit(url)
-    except ValueError:
-        return "postgresql://…"
-    if u.password is None:
-        return url
-    netloc = f"{u.username}:***@{u.hostname}" + (f":{u.port}" if u.port else "")
-    return urlunsplit((u.scheme, netloc, u.path, u.query, u.fragment))
-
-
 def _jsonb_out(v: Any) -> bytes:
     # jsonb's binary form: a version byte, then the JSON text (binary also serves COPY)
     return b"\x01" + json.dumps(v, ensure_ascii=False, default=str).encode()
@@ -229,6 +213,24 @@ def _held(r: asyncpg.Record) -> Held:
 
 def _notice(r: asyncpg.Record) -> PendingNotice:
     return notice_from(r)
+
+
+def _where(
+    state: State | None, sender: str | None, since: datetime | None, before: str | None
+) -> tuple[str, list[Any]]:
+    """The WHERE clause (with its leading space, or "") of a list/count, and its arguments."""
+    where: list[str] = []
+    args: list[Any] = []
+    for cond, val in (
+        ("state = ${}", state.value if state is not None else None),
+        ("mail_from = ${}", sender or None),
+        ("created >= ${}", since),
+        ("id < ${}", before or None),  # ids sort by creation time: keyset pagination
+    ):
+        if val is not None:
+            args.append(val)
+            where.append(cond.format(len(args)))
+    return (" WHERE " + " AND ".join(where) if where else ""), args
 
 
 class PostgresStore:
@@ -539,22 +541,40 @@ class PostgresStore:
         by: str = "smtp",
         why: str = "",
     ) -> None:
+        await self._tx(lambda c: self._put(c, item, raw, tokens, notices, by, why))
+
+    async def put_many(self, batch: Sequence[PutRequest]) -> None:
+        """Several put()s in ONE transaction: all stored, or none."""
+
         async def work(c: Conn) -> None:
-            await c.execute(
-                f"INSERT INTO held({_COLS}) VALUES "
-                "($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21)",
-                *held_values(item, len(raw), by, why),
-            )
-            await c.execute("INSERT INTO raw(id, bytes) VALUES ($1, $2)", item.id, raw)
-            if tokens:
-                await c.executemany(
-                    "INSERT INTO token(hash, msg_id, role, who, expires) VALUES ($1,$2,$3,$4,$5)",
-                    [(t.hash, item.id, t.role, t.who, t.expires) for t in tokens],
-                )
-            await self._insert_notices(c, notices, item.created)
-            await self._audit(c, item.id, item.created, None, item.state, by, why)
+            for p in batch:
+                await self._put(c, p.item, p.raw, p.tokens, p.notices, p.by, p.why)
 
         await self._tx(work)
+
+    async def _put(
+        self,
+        c: Conn,
+        item: Held,
+        raw: bytes,
+        tokens: Sequence[NewToken],
+        notices: Sequence[NewNotice],
+        by: str,
+        why: str,
+    ) -> None:
+        await c.execute(
+            f"INSERT INTO held({_COLS}) VALUES "
+            "($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21)",
+            *held_values(item, len(raw), by, why),
+        )
+        await c.execute("INSERT INTO raw(id, bytes) VALUES ($1, $2)", item.id, raw)
+        if tokens:
+            await c.executemany(
+                "INSERT INTO token(hash, msg_id, role, who, expires) VALUES ($1,$2,$3,$4,$5)",
+                [(t.hash, item.id, t.role, t.who, t.expires) for t in tokens],
+            )
+        await self._insert_notices(c, notices, item.created)
+        await self._audit(c, item.id, item.created, None, item.state, by, why)
 
     async def get(self, msg_id: str) -> Held | None:
         return await self._read(lambda c: self._get(c, msg_id))
@@ -674,22 +694,9 @@ class PostgresStore:
         limit: int = 50,
     ) -> Page:
         limit = max(1, min(limit, 1000))
-        where: list[str] = []
-        args: list[Any] = []
-        for cond, val in (
-            ("state = ${}", state.value if state is not None else None),
-            ("mail_from = ${}", sender or None),
-            ("created >= ${}", since),
-            ("id < ${}", before or None),  # ids sort by creation time: keyset pagination
-        ):
-            if val is not None:
-                args.append(val)
-                where.append(cond.format(len(args)))
-        sql = f"SELECT {_COLS} FROM held"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
+        cond, args = _where(state, sender, since, before)
         args.append(limit + 1)
-        sql += f" ORDER BY id DESC LIMIT ${len(args)}"
+        sql = f"SELECT {_COLS} FROM held{cond} ORDER BY id DESC LIMIT ${len(args)}"
         rows = await self._read(lambda c: c.fetch(sql, *args))
         items = tuple(_held(r) for r in rows[:limit])
         return Page(items, items[-1].id if len(rows) > limit else None)
@@ -701,12 +708,15 @@ class PostgresStore:
             out[str(st)] = int(n)
         return out
 
-    async def count(self, state: State | None = None) -> int:
-        if state is None:
-            v = await self._read(lambda c: c.fetchval("SELECT count(*) FROM held"))
-        else:
-            q = "SELECT count(*) FROM held WHERE state = $1"
-            v = await self._read(lambda c: c.fetchval(q, state.value))
+    async def count(
+        self,
+        state: State | None = None,
+        *,
+        sender: str | None = None,
+        since: datetime | None = None,
+    ) -> int:
+        cond, args = _where(state, sender, since, None)
+        v = await self._read(lambda c: c.fetchval(f"SELECT count(*) FROM held{cond}", *args))
         return int(v)
 
     async def oldest_held(self) -> datetime | None:

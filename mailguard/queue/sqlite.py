@@ -52,6 +52,7 @@ from mailguard.queue.store import (
     NewToken,
     Page,
     PendingNotice,
+    PutRequest,
     State,
     TokenError,
     TokenInfo,
@@ -162,6 +163,27 @@ def _row_to_notice(r: sqlite3.Row) -> PendingNotice:
     return notice_from(r, json.loads, dt)
 
 
+def _where(
+    state: State | None, sender: str | None, since: datetime | None, before: str | None
+) -> tuple[str, list[Any]]:
+    """The WHERE clause (with its leading space, or "") of a list/count, and its arguments."""
+    where: list[str] = []
+    args: list[Any] = []
+    if state is not None:
+        where.append("state = ?")
+        args.append(state.value)
+    if sender:
+        where.append("mail_from = ?")
+        args.append(sender)
+    if since is not None:
+        where.append("created >= ?")
+        args.append(ts(since))
+    if before:
+        where.append("id < ?")  # ids sort by creation time: keyset pagination
+        args.append(before)
+    return (" WHERE " + " AND ".join(where) if where else ""), args
+
+
 class SqliteStore:
     """HeldStore on one SQLite file. `await open()` (or `async with`) before use."""
 
@@ -211,14 +233,15 @@ class SqliteStore:
         row = db.execute("SELECT value FROM queue_meta WHERE key = 'schema'").fetchone()
         if row and int(row[0]) > SCHEMA_VERSION:
             raise StoreError(f"{self.path}: queue schema {row[0]} is newer than this MailGuard")
-        db.executescript(SCHEMA)
-        cols = {r[1] for r in db.execute("PRAGMA table_info(notice)")}
-        if "delay" not in cols:  # schema 1 → 2
-            db.execute("ALTER TABLE notice ADD COLUMN delay REAL NOT NULL DEFAULT 0")
-        db.execute(
-            "INSERT OR REPLACE INTO queue_meta(key, value) VALUES ('schema', ?)",
-            (str(SCHEMA_VERSION),),
-        )
+        if row is None or int(row[0]) < SCHEMA_VERSION:  # else nothing to write (and fsync)
+            db.executescript(SCHEMA)
+            cols = {r[1] for r in db.execute("PRAGMA table_info(notice)")}
+            if "delay" not in cols:  # schema 1 → 2
+                db.execute("ALTER TABLE notice ADD COLUMN delay REAL NOT NULL DEFAULT 0")
+            db.execute(
+                "INSERT OR REPLACE INTO queue_meta(key, value) VALUES ('schema', ?)",
+                (str(SCHEMA_VERSION),),
+            )
         self._db = db
         # A new -wal file's directory entry must survive a crash too.
         fd = os.open(self.path.parent, os.O_RDONLY)
@@ -327,6 +350,28 @@ class SqliteStore:
         except StoreError:
             return False
 
+    def _put(
+        self,
+        c: sqlite3.Connection,
+        item: Held,
+        raw: bytes,
+        tokens: Sequence[NewToken],
+        notices: Sequence[NewNotice],
+        by: str,
+        why: str,
+    ) -> None:
+        c.execute(
+            f"INSERT INTO held({_COLS}) VALUES ({','.join('?' * 21)})",
+            encode_values(held_values(item, len(raw), by, why), _json_out, ts),
+        )
+        c.execute("INSERT INTO raw(id, bytes) VALUES (?, ?)", (item.id, raw))
+        c.executemany(
+            "INSERT INTO token(hash, msg_id, role, who, expires) VALUES (?,?,?,?,?)",
+            [(t.hash, item.id, t.role, t.who, ts(t.expires)) for t in tokens],
+        )
+        self._insert_notices(c, notices, ts(item.created) or 0.0)
+        self._audit(c, item.id, item.created, None, item.state, by, why)
+
     async def put(
         self,
         item: Held,
@@ -337,18 +382,16 @@ class SqliteStore:
         by: str = "smtp",
         why: str = "",
     ) -> None:
+        await self._run(
+            lambda: self._tx(lambda c: self._put(c, item, raw, tokens, notices, by, why))
+        )
+
+    async def put_many(self, batch: Sequence[PutRequest]) -> None:
+        """Several put()s in ONE transaction (one fsync): all stored, or none."""
+
         def work(c: sqlite3.Connection) -> None:
-            c.execute(
-                f"INSERT INTO held({_COLS}) VALUES ({','.join('?' * 21)})",
-                encode_values(held_values(item, len(raw), by, why), _json_out, ts),
-            )
-            c.execute("INSERT INTO raw(id, bytes) VALUES (?, ?)", (item.id, raw))
-            c.executemany(
-                "INSERT INTO token(hash, msg_id, role, who, expires) VALUES (?,?,?,?,?)",
-                [(t.hash, item.id, t.role, t.who, ts(t.expires)) for t in tokens],
-            )
-            self._insert_notices(c, notices, ts(item.created) or 0.0)
-            self._audit(c, item.id, item.created, None, item.state, by, why)
+            for p in batch:
+                self._put(c, p.item, p.raw, p.tokens, p.notices, p.by, p.why)
 
         await self._run(lambda: self._tx(work))
 
@@ -470,24 +513,8 @@ class SqliteStore:
         limit: int = 50,
     ) -> Page:
         limit = max(1, min(limit, 1000))
-        where: list[str] = []
-        args: list[Any] = []
-        if state is not None:
-            where.append("state = ?")
-            args.append(state.value)
-        if sender:
-            where.append("mail_from = ?")
-            args.append(sender)
-        if since is not None:
-            where.append("created >= ?")
-            args.append(ts(since))
-        if before:
-            where.append("id < ?")  # ids sort by creation time: keyset pagination
-            args.append(before)
-        sql = f"SELECT {_COLS} FROM held"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY id DESC LIMIT ?"
+        cond, args = _where(state, sender, since, before)
+        sql = f"SELECT {_COLS} FROM held{cond} ORDER BY id DESC LIMIT ?"
 
         def work() -> Page:
             rows = self._c.execute(sql, (*args, limit + 1)).fetchall()
@@ -505,14 +532,16 @@ class SqliteStore:
 
         return await self._run(work)
 
-    async def count(self, state: State | None = None) -> int:
-        def work() -> int:
-            if state is None:
-                return int(self._c.execute("SELECT count(*) FROM held").fetchone()[0])
-            q = "SELECT count(*) FROM held WHERE state = ?"
-            return int(self._c.execute(q, (state.value,)).fetchone()[0])
-
-        return await self._run(work)
+    async def count(
+        self,
+        state: State | None = None,
+        *,
+        sender: str | None = None,
+        since: datetime | None = None,
+    ) -> int:
+        cond, args = _where(state, sender, since, None)
+        q = f"SELECT count(*) FROM held{cond}"
+        return await self._run(lambda: int(self._c.execute(q, args).fetchone()[0]))
 
     async def oldest_held(self) -> datetime | None:
         def work() -> datetime | None:

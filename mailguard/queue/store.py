@@ -208,6 +208,18 @@ class PendingNotice:
 
 
 @dataclass(frozen=True, slots=True)
+class PutRequest:
+    """One put() of a put_many() batch."""
+
+    item: Held
+    raw: bytes
+    tokens: Sequence[NewToken] = ()
+    notices: Sequence[NewNotice] = ()
+    by: str = "smtp"
+    why: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Page:
     items: tuple[Held, ...]
     next: str | None  # cursor for the following page (the last id), None at the end
@@ -265,6 +277,10 @@ class HeldStore(Protocol):
         is durable (fsynced): the SMTP 250 depends on it. Raises StoreError otherwise."""
         ...
 
+    async def put_many(self, batch: Sequence[PutRequest]) -> None:
+        """Several put()s in one transaction: all durable on return, or none (StoreError)."""
+        ...
+
     async def get(self, msg_id: str) -> Held | None: ...
 
     async def raw(self, msg_id: str) -> bytes | None:
@@ -316,7 +332,15 @@ class HeldStore(Protocol):
         """Newest first; `before` = the cursor of the previous page."""
         ...
 
-    async def count(self, state: State | None = None) -> int: ...
+    async def count(
+        self,
+        state: State | None = None,
+        *,
+        sender: str | None = None,
+        since: datetime | None = None,
+    ) -> int:
+        """Messages matching the filters list_messages takes (its `before` aside)."""
+        ...
 
     async def counts(self) -> dict[str, int]:
         """Messages per state, read in one query (every state present, 0 when empty)."""

@@ -5,9 +5,10 @@ so GET/HEAD only show the page and a POST acts. The POST must carry a CSRF value
 action and issue time under the server secret) from a page rendered at most an hour earlier.
 Unknown tokens (misses) are counted per client address and for all clients together, in the store
 (`HeldStore.rate_hit`): every node on a shared PostgreSQL store spends the same budget, and a
-restart does not reset it. Past either budget an unknown token is answered 429 instead of 404, so guessing a 192-bit token is hopeless
-and noisy. A valid token is never refused for its client's misses: the lookup comes first, so
-people behind one proxy address are not locked out by a guesser among them. The client address is
+restart does not reset it. Past either budget an unknown token is answered 429 instead of 404,
+so guessing a 192-bit token is hopeless and noisy. A valid token is never refused for its
+client's misses: the lookup comes first, so people behind one proxy address are not locked out
+by a guesser among them. The client address is
 the TCP peer, or — only when the peer is a configured trusted proxy — the address the proxy puts
 in `client_ip_header` (X-Forwarded-For: the right-most address that is not a trusted proxy).
 Failed admin-API logins are throttled the same way (per client and for all clients together);
@@ -496,14 +497,14 @@ class _Web:
             limit = int(q.get("limit", "50"))
         except ValueError as e:
             return web.json_response({"error": str(e)}, status=400)
+        sender = q.get("sender") or None
         page = await self.store.list_messages(
-            state=state,
-            sender=q.get("sender") or None,
-            since=since,
-            before=q.get("before") or None,
-            limit=limit,
+            state=state, sender=sender, since=since, before=q.get("before") or None, limit=limit
         )
-        return web.json_response({"items": [h.to_json() for h in page.items], "next": page.next})
+        total = await self.store.count(state, sender=sender, since=since)  # the same filters
+        return web.json_response(
+            {"items": [h.to_json() for h in page.items], "next": page.next, "total": total}
+        )
 
     async def api_show(self, request: web.Request) -> web.StreamResponse:
         if (denied := await self._auth(request)) is not None:
