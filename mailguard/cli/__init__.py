@@ -7,9 +7,9 @@ Each sub-command lives in its own module with `register(subparsers)`; the handle
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 
 from mailguard import __version__
 
@@ -27,8 +27,39 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mailguard {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in (only,) if only in COMMANDS else COMMANDS:
-        importlib.import_module(f"mailguard.cli.{name}").register(sub)
+        _module(name).register(sub)
     return parser
+
+
+def _module(name: str) -> ModuleType:
+    """The command's module, imported now (plain imports: every one is a known sibling)."""
+    if name == "serve":
+        from mailguard.cli import serve
+
+        return serve
+    if name == "check":
+        from mailguard.cli import check
+
+        return check
+    if name == "policy":
+        from mailguard.cli import policy
+
+        return policy
+    if name == "queue":
+        from mailguard.cli import queue
+
+        return queue
+    if name == "store":
+        from mailguard.cli import store
+
+        return store
+    if name == "history":
+        from mailguard.cli import history
+
+        return history
+    from mailguard.cli import demo
+
+    return demo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
