@@ -253,7 +253,7 @@ class Budget:
 
 
 class HeldStore(Protocol):
-    """The durable queue. Backends: SqliteStore (embedded); PostgreSQL can follow unchanged."""
+    """The durable queue. Backends: SqliteStore (embedded), PostgresStore (shared)."""
 
     async def open(self) -> None: ...
 

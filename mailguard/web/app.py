@@ -465,13 +465,29 @@ class _Web:
 
     # -- admin API -----------------------------------------------------------------------------
 
+    # The login budget lives in the store. With the store unreachable the throttle fails open
+    # (logged): /metrics behind the admin token must keep answering during a database outage,
+    # and the token (≥ 32 characters) is not guessable within an outage anyway.
+    async def _login_throttled(self, ip: str) -> bool:
+        try:
+            return await self.store.rate_blocked(self.logins, ip)
+        except StoreError as e:
+            log.warning("admin API: login throttle unavailable (store): %s", e)
+            return False
+
+    async def _login_failed(self, ip: str) -> None:
+        try:
+            await self.store.rate_hit(self.logins, ip)
+        except StoreError as e:
+            log.warning("admin API: failed login from %s not counted (store): %s", ip, e)
+
     async def _auth(self, request: web.Request) -> web.Response | None:
         if not self.admin_token:
             return web.json_response(
                 {"error": "admin API disabled (no web.admin_token)"}, status=403
             )
         ip = self.client_ip(request)
-        if await self.store.rate_blocked(self.logins, ip):  # refused before the token is compared
+        if await self._login_throttled(ip):  # refused before the token is even compared
             return web.json_response(
                 {"error": "too many failed logins, try later"},
                 status=429,
@@ -480,7 +496,7 @@ class _Web:
         got = request.headers.get("Authorization", "")
         want = f"Bearer {self.admin_token}"
         if not hmac.compare_digest(got.encode(), want.encode()):
-            await self.store.rate_hit(self.logins, ip)
+            await self._login_failed(ip)
             log.warning("admin API: failed login from %s", ip)
             return web.json_response(
                 {"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": "Bearer"}
