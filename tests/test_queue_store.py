@@ -24,6 +24,7 @@ from mailguard.queue.store import (
     Held,
     NewNotice,
     NewToken,
+    PutRequest,
     State,
     TokenError,
     TransitionError,
@@ -247,6 +248,33 @@ async def test_list_filters_and_keyset_pages(backend: Backend) -> None:
         assert len((await s.list_messages(sender="hanako@example.co.jp")).items) == 3
         assert len((await s.list_messages(since=T0 + timedelta(seconds=5))).items) == 2
         assert await s.count(State.HELD) == 6
+
+
+@pytest.mark.asyncio
+async def test_put_many_is_one_atomic_batch_of_puts(backend: Backend) -> None:
+    async with backend.store() as s:
+        items = [held(T0 + timedelta(seconds=i)) for i in range(3)]
+        batch = [
+            PutRequest(
+                h,
+                b"m%d" % i,
+                [NewToken(hash_token(f"tok-{i}-" + "x" * 20), "sender", h.mail_from, h.due)],
+                [NewNotice("held", (h.mail_from,), {"n": i}, T0, msg_id=h.id)],
+                why="batch",
+            )
+            for i, h in enumerate(items)
+        ]
+        await s.put_many(batch)
+        assert await s.count(State.HELD) == 3
+        assert await s.raw(items[2].id) == b"m2"
+        assert (await s.audit(items[1].id))[0].why == "batch"
+        assert len(await s.notices_for(items[0].id)) == 1
+        assert (await s.token(hash_token("tok-1-" + "x" * 20))) is not None
+        dup = [PutRequest(held(T0 + timedelta(minutes=1)), b"new"), PutRequest(items[0], b"x")]
+        with pytest.raises(StoreError):
+            await s.put_many(dup)  # the second collides: the first is not kept either
+        assert await s.count() == 3
+        assert await s.count(sender="taro@example.co.jp", since=T0 + timedelta(seconds=1)) == 2
 
 
 @pytest.mark.asyncio
