@@ -3,9 +3,10 @@
 SqliteStore and PostgresStore differ in SQL dialect and in how a column comes back (SQLite: JSON
 text and epoch seconds; PostgreSQL: jsonb and timestamptz already decoded). Everything else —
 which columns a Held has, what a move sets, what happens to the bytes and to parked notices when
-a message reaches a terminal state, when a token may act, how a miss is budgeted — lives here, so
-the two backends cannot drift apart. Each backend passes its two decoders (`load` for a JSON
-column, `when` for a time column) and renders the `Assign` list in its own placeholder style.
+a message reaches a terminal state, when a token may act — lives here, so the two backends
+cannot drift apart. Each backend passes its two decoders (`load` for a JSON column, `when` for a
+time column) and renders `MovePlan.assign` in its own placeholder style. (The web's rate-limit
+budget, `Budget`, is part of the contract in store.py.)
 """
 
 from __future__ import annotations
