@@ -63,6 +63,55 @@ def _iso(when: datetime) -> str:
     return when.astimezone(UTC).isoformat(timespec="seconds")
 
 
+def lookup_keys(domains: Iterable[str]) -> list[str]:
+    """The rows a count lookup reads: each domain and its registrable domain, once each."""
+    want = list(dict.fromkeys(d for d in domains if d))
+    return list(dict.fromkeys([*want, *(registrable(d) for d in want)]))
+
+
+def tally(batch: list[tuple[set[str], datetime]]) -> dict[str, tuple[int, datetime, datetime]]:
+    """domain → (deliveries, first, last) of a batch: one upsert per domain, not per delivery."""
+    per: dict[str, tuple[int, datetime, datetime]] = {}
+    for doms, when in batch:
+        for d in doms:
+            n, lo, hi = per.get(d, (0, when, when))
+            per[d] = (n + 1, min(lo, when), max(hi, when))
+    return per
+
+
+class FrequentCache:
+    """The frequent set (domains written to at least frequent_min times), reloaded at most every
+    `refresh` seconds; the same object while unchanged (the look-alike index is keyed on it)."""
+
+    def __init__(self, refresh: float) -> None:
+        self.refresh = refresh
+        self._set: frozenset[str] | None = None
+        self._at = 0.0
+
+    def cached(self, now: float | None = None) -> frozenset[str] | None:
+        """The set if it is still fresh, else None (the caller reloads and calls `put`)."""
+        t = time.monotonic() if now is None else now
+        if self._set is None or t - self._at >= self.refresh:
+            return None
+        return self._set
+
+    def put(self, fresh: frozenset[str], now: float | None = None) -> frozenset[str]:
+        if fresh != self._set:  # keep the same object when unchanged (index cache)
+            self._set = fresh
+        self._at = time.monotonic() if now is None else now
+        return self._set
+
+    def add(self, domains: Iterable[str]) -> None:
+        """Domains a delivery just made frequent: into the cached set now, not at the next
+        refresh (a new set object, so the look-alike index is rebuilt once)."""
+        new = frozenset(domains)
+        if self._set is not None and not new <= self._set:
+            self._set = self._set | new
+
+    def clear(self) -> None:
+        self._set = None
+
+
 class DomainHistory:
     """The domain_history table. One connection behind a lock; async wrappers use to_thread."""
 
@@ -88,9 +137,7 @@ class DomainHistory:
             self._db.execute("PRAGMA busy_timeout=30000")
             self._db.executescript(_SCHEMA)
         self.frequent_min = frequent_min
-        self._frequent_refresh = frequent_refresh
-        self._frequent: frozenset[str] | None = None
-        self._frequent_at = 0.0
+        self._frequent = FrequentCache(frequent_refresh)
 
     def close(self) -> None:
         with self._lock:
@@ -106,8 +153,7 @@ class DomainHistory:
 
     def counts(self, domains: Iterable[str]) -> dict[str, int]:
         """domain → messages sent there (0 for never). Registrable domains are looked up too."""
-        want = list(dict.fromkeys(d for d in domains if d))
-        keys = list(dict.fromkeys([*want, *(registrable(d) for d in want)]))
+        keys = lookup_keys(domains)
         out = dict.fromkeys(keys, 0)
         with self._lock:
             for i in range(0, len(keys), 500):  # SQLite's parameter limit
@@ -140,28 +186,18 @@ class DomainHistory:
 
     def frequent(self, now: float | None = None) -> frozenset[str]:
         """known(frequent_min), reloaded at most every `frequent_refresh` seconds."""
-        t = time.monotonic() if now is None else now
-        if self._frequent is None or t - self._frequent_at >= self._frequent_refresh:
-            fresh = frozenset(self.known(self.frequent_min))
-            if fresh != self._frequent:  # keep the same object when unchanged (index cache)
-                self._frequent = fresh
-            self._frequent_at = t
-        assert self._frequent is not None
-        return self._frequent
+        cached = self._frequent.cached(now)
+        if cached is not None:
+            return cached
+        return self._frequent.put(frozenset(self.known(self.frequent_min)), now)
 
     def frequent_cached(self, now: float | None = None) -> frozenset[str] | None:
         """The frequent set if it is still fresh, else None (then `frequent()` reloads it)."""
-        t = time.monotonic() if now is None else now
-        if self._frequent is None or t - self._frequent_at >= self._frequent_refresh:
-            return None
-        return self._frequent
+        return self._frequent.cached(now)
 
     def add_frequent(self, domains: Iterable[str]) -> None:
-        """Domains a delivery just made frequent: into the cached set now, not at the next
-        refresh (a new set object, so the look-alike index is rebuilt once)."""
-        new = frozenset(domains)
-        if self._frequent is not None and not new <= self._frequent:
-            self._frequent = self._frequent | new
+        """Domains a delivery just made frequent: into the cached set now."""
+        self._frequent.add(domains)
 
     def record_and_count(self, batch: list[tuple[set[str], datetime]]) -> dict[str, int]:
         """record_many, then the new counts of the domains it touched (one thread hop)."""
@@ -190,7 +226,7 @@ class DomainHistory:
                 yield reg
 
     def record_many(self, batch: list[tuple[set[str], datetime]]) -> None:
-        rows = [(d, _iso(when)) for doms, when in batch for d in sorted(doms)]
+        rows = [(d, n, _iso(lo), _iso(hi)) for d, (n, lo, hi) in sorted(tally(batch).items())]
         if not rows:
             return
         with self._lock:
@@ -198,8 +234,9 @@ class DomainHistory:
             try:
                 self._db.executemany(
                     "INSERT INTO domain_history(domain, count, first_seen, last_seen) "
-                    "VALUES (?1, 1, ?2, ?2) ON CONFLICT(domain) DO UPDATE SET "
-                    "count = count + 1, first_seen = min(first_seen, excluded.first_seen), "
+                    "VALUES (?1, ?2, ?3, ?4) ON CONFLICT(domain) DO UPDATE SET "
+                    "count = count + excluded.count, "
+                    "first_seen = min(first_seen, excluded.first_seen), "
                     "last_seen = max(last_seen, excluded.last_seen)",
                     rows,
                 )
@@ -236,7 +273,7 @@ class DomainHistory:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        self._frequent = None  # reload on next use
+        self._frequent.clear()  # reload on next use
         return ImportResult(messages, skipped, counted)
 
     # -- async wrappers (the server runs the store off the event loop) -----------------------

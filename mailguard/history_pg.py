@@ -11,11 +11,11 @@ lookups.HistoryCache; the imports (`mailguard history import`) stay with the SQL
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from datetime import datetime
 
-from mailguard.checks.domains import FREQUENT_MIN, registrable
+from mailguard.checks.domains import FREQUENT_MIN
+from mailguard.history import FrequentCache, lookup_keys, tally
 from mailguard.queue.postgres import Conn, PostgresStore
 
 
@@ -31,13 +31,10 @@ class PgHistory:
     ) -> None:
         self.store = store
         self.frequent_min = frequent_min
-        self._frequent_refresh = frequent_refresh
-        self._frequent: frozenset[str] | None = None
-        self._frequent_at = 0.0
+        self._frequent = FrequentCache(frequent_refresh)
 
     async def acounts(self, domains: Iterable[str]) -> dict[str, int]:
-        want = list(dict.fromkeys(d for d in domains if d))
-        keys = list(dict.fromkeys([*want, *(registrable(d) for d in want)]))
+        keys = lookup_keys(domains)
         out = dict.fromkeys(keys, 0)
         if not keys:
             return out
@@ -72,33 +69,20 @@ class PgHistory:
         ]
 
     async def afrequent(self, now: float | None = None) -> frozenset[str]:
-        t = time.monotonic() if now is None else now
-        if self._frequent is None or t - self._frequent_at >= self._frequent_refresh:
-            fresh = frozenset(await self.known(self.frequent_min))
-            if fresh != self._frequent:  # the same object when unchanged (look-alike index)
-                self._frequent = fresh
-            self._frequent_at = t
-        assert self._frequent is not None
-        return self._frequent
+        cached = self._frequent.cached(now)
+        if cached is not None:
+            return cached
+        return self._frequent.put(frozenset(await self.known(self.frequent_min)), now)
 
     def frequent_cached(self, now: float | None = None) -> frozenset[str] | None:
-        t = time.monotonic() if now is None else now
-        if self._frequent is None or t - self._frequent_at >= self._frequent_refresh:
-            return None
-        return self._frequent
+        return self._frequent.cached(now)
 
     def add_frequent(self, domains: Iterable[str]) -> None:
-        new = frozenset(domains)
-        if self._frequent is not None and not new <= self._frequent:
-            self._frequent = self._frequent | new
+        self._frequent.add(domains)
 
     async def arecord_and_count(self, batch: list[tuple[set[str], datetime]]) -> dict[str, int]:
         """Count the batch (one row per domain per delivery) and return the new counts."""
-        per: dict[str, tuple[int, datetime, datetime]] = {}
-        for doms, when in batch:
-            for d in doms:
-                n, lo, hi = per.get(d, (0, when, when))
-                per[d] = (n + 1, min(lo, when), max(hi, when))
+        per = tally(batch)
         if not per:
             return {}
 

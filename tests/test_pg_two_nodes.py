@@ -13,10 +13,11 @@ import collections
 import contextlib
 import json
 import time
+import uuid
 from pathlib import Path
 
 import pytest
-from e2e_support import Guard, policy, wait_for
+from e2e_support import ADMIN_TOKEN, Guard, policy, wait_for
 from pg_support import PgCluster, pg_cluster, pg_url
 
 __all__ = ["pg_cluster", "pg_url"]
@@ -79,6 +80,44 @@ def test_hold_on_one_node_confirm_on_the_other(tmp_path: Path, pg_url: str) -> N
 
         shown = wait_for(show, 10, what="state delivered in the shared store")
         assert any(a["by"].startswith("sender") for a in shown["audit"])
+
+
+def test_web_rate_limits_are_one_budget_across_nodes(tmp_path: Path, pg_url: str) -> None:
+    """Unknown-token misses and failed admin logins are counted in the shared store: misses
+    spent on node 1 count on node 2 (per client and for everyone together), and a valid link
+    is still served from the limited address."""
+    web = {"miss_limit": 6, "miss_limit_global": 50, "login_fail_limit": 3}
+    extra = {"store": {"url": pg_url, "lease": f"{LEASE}s"}, "web": web}
+    with (
+        Guard(tmp_path / "n1", policy_text=policy(CONFIRM), config_extra=extra) as g1,
+        Guard(tmp_path / "n2", policy_text=policy(CONFIRM), config_extra=extra) as g2,
+    ):
+        sent = g1.send(to=["Partner <a@partner.example>"], subject="rate limit across nodes")
+        assert sent.held_id, sent.text
+        notice = wait_for(
+            lambda: next((n for n in everything(g1, g2) if n.notice_kind == "confirm"), None),
+            30,
+            what="the confirm notice",
+        )
+        link = g1.link(notice).replace(f":{g1.web_port}/", f":{g2.web_port}/")
+
+        def guess() -> str:
+            return "/m/" + uuid.uuid4().hex + "Zz"
+
+        on1 = [g1.request(guess())[0] for _ in range(5)]  # just under the budget of 6
+        assert on1 == [404] * 5, on1
+        on2 = [g2.request(guess())[0] for _ in range(3)]  # the 6th miss, then over
+        assert on2 == [404, 429, 429], on2
+        assert g1.request(guess())[0] == 429  # and node 1 agrees
+        assert g2.page(link).status == 200  # a valid token is still served to that address
+
+        def api(g: Guard, token: str) -> int:
+            return g.request("/api/messages", headers={"Authorization": f"Bearer {token}"})[0]
+
+        assert [api(g1, "wrong-" + "x" * 40) for _ in range(2)] == [401, 401]
+        assert api(g2, "wrong-" + "y" * 40) == 401  # the 3rd failure, on the other node
+        assert api(g2, ADMIN_TOKEN) == 429  # throttled on both nodes
+        assert api(g1, ADMIN_TOKEN) == 429
 
 
 @pytest.mark.slow

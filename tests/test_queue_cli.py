@@ -134,3 +134,38 @@ async def test_cli_release_while_the_server_holds_the_store_open(tmp_path: Path)
     finally:
         await close(r)
         await stop(server)
+
+
+def test_list_pages_with_a_truthful_count_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/queue.md: one page of --limit rows, then "N of TOTAL messages (filters), newest
+    first; next page: --before ID"; the count applies the filters; --json carries "total"."""
+    db = tmp_path / "q.db"
+    ids = seed(db, 5)
+    assert main(["queue", "release", ids[0], "--store", str(db)]) == 0
+    capsys.readouterr()
+    assert main(["queue", "list", "--store", str(db), "--limit", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 + 2 + 1  # header, two rows, the count line
+    assert ids[4] in lines[1] and ids[3] in lines[2]
+    assert lines[-1] == f"2 of 5 messages, newest first; next page: --before {ids[3]}"
+    assert main(["queue", "list", "--store", str(db), "--limit", "2", "--before", ids[3]]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert (
+        last == f"2 of 5 messages, newest first, older than {ids[3]}; next page: --before {ids[1]}"
+    )
+    assert main(["queue", "list", "--store", str(db), "--state", "held", "--limit", "10"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        ids[0] not in out and out.splitlines()[-1] == "4 of 4 messages (state=held), newest first"
+    )
+    assert main(["queue", "list", "--store", str(db), "--state", "released", "--json"]) == 0
+    page = json.loads(capsys.readouterr().out)
+    assert [i["id"] for i in page["items"]] == [ids[0]] and page["total"] == 1
+    assert page["next"] is None
+    for bad in ("0", "1001", "x"):
+        with pytest.raises(SystemExit) as e:
+            main(["queue", "list", "--store", str(db), "--limit", bad])
+        assert e.value.code == 2
+    assert "must be 1 to 1000" in capsys.readouterr().err

@@ -3,6 +3,7 @@ private PostgreSQL cluster: durability settings, transitions, audit, tokens, lea
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -19,9 +20,11 @@ from mailguard.queue.sqlite import SqliteStore
 from mailguard.queue.store import (
     ALLOWED,
     TERMINAL,
+    Budget,
     Held,
     NewNotice,
     NewToken,
+    PutRequest,
     State,
     TokenError,
     TransitionError,
@@ -245,6 +248,64 @@ async def test_list_filters_and_keyset_pages(backend: Backend) -> None:
         assert len((await s.list_messages(sender="hanako@example.co.jp")).items) == 3
         assert len((await s.list_messages(since=T0 + timedelta(seconds=5))).items) == 2
         assert await s.count(State.HELD) == 6
+
+
+@pytest.mark.asyncio
+async def test_put_many_is_one_atomic_batch_of_puts(backend: Backend) -> None:
+    async with backend.store() as s:
+        items = [held(T0 + timedelta(seconds=i)) for i in range(3)]
+        batch = [
+            PutRequest(
+                h,
+                b"m%d" % i,
+                [NewToken(hash_token(f"tok-{i}-" + "x" * 20), "sender", h.mail_from, h.due)],
+                [NewNotice("held", (h.mail_from,), {"n": i}, T0, msg_id=h.id)],
+                why="batch",
+            )
+            for i, h in enumerate(items)
+        ]
+        await s.put_many(batch)
+        assert await s.count(State.HELD) == 3
+        assert await s.raw(items[2].id) == b"m2"
+        assert (await s.audit(items[1].id))[0].why == "batch"
+        assert len(await s.notices_for(items[0].id)) == 1
+        assert (await s.token(hash_token("tok-1-" + "x" * 20))) is not None
+        dup = [PutRequest(held(T0 + timedelta(minutes=1)), b"new"), PutRequest(items[0], b"x")]
+        with pytest.raises(StoreError):
+            await s.put_many(dup)  # the second collides: the first is not kept either
+        assert await s.count() == 3
+        assert await s.count(sender="taro@example.co.jp", since=T0 + timedelta(seconds=1)) == 2
+
+
+@pytest.mark.asyncio
+async def test_web_rate_limits_are_shared_bounded_and_expire(backend: Backend) -> None:
+    """Misses are counted in the store: a second store object on the same file/database (another
+    process, another node) spends the same per-client and global budgets; old windows are
+    pruned, and nothing is recorded past a budget (rows stay bounded)."""
+    misses = Budget("token", 3, 600.0, global_limit=5)
+    async with backend.store() as s1, backend.store() as s2:
+        assert [await s1.rate_hit(misses, "10.0.0.1") for _ in range(2)] == [False, False]
+        assert await s2.rate_hit(misses, "10.0.0.1") is False  # the 3rd, on the "other node"
+        assert await s1.rate_blocked(misses, "10.0.0.1") is True
+        assert await s2.rate_hit(misses, "10.0.0.1") is True  # over: 429, not counted
+        assert await s2.rate_blocked(misses, "10.0.0.2") is False
+        assert await s1.rate_hit(misses, "10.0.0.2") is False
+        assert await s2.rate_hit(misses, "10.0.0.3") is False  # 5 in all: the global budget
+        assert await s1.rate_hit(misses, "10.0.0.4") is True
+        assert await s1.rate_blocked(misses, "10.0.0.9") is True
+        # another kind (failed admin logins) has budgets of its own
+        assert await s1.rate_blocked(Budget("login", 3, 600.0, 5), "10.0.0.1") is False
+        for _ in range(20):
+            await s1.rate_hit(misses, "10.0.0.5")
+        assert backend.sql("SELECT count(*) FROM web_miss WHERE kind = 'token'") == [("5",)]
+        # a short window runs out, and the old rows are pruned by the next miss
+        brief = Budget("brief", 1, 0.3)
+        assert await s1.rate_hit(brief, "10.0.0.1") is False
+        assert await s2.rate_hit(brief, "10.0.0.1") is True
+        await asyncio.sleep(0.5)
+        assert await s2.rate_blocked(brief, "10.0.0.1") is False
+        assert await s2.rate_hit(brief, "10.0.0.6") is False
+        assert backend.sql("SELECT client FROM web_miss WHERE kind = 'brief'") == [("10.0.0.6",)]
 
 
 @pytest.mark.asyncio

@@ -218,6 +218,19 @@ async def test_guessing_is_rate_limited(web: Web) -> None:
 
 
 @pytest.mark.asyncio
+async def test_store_down_login_throttle_fails_open_misses_answer_503(web: Web) -> None:
+    """The rate-limit counts live in the store. With the store gone: a wrong admin token is
+    still a 401 (the throttle fails open, the token is compared), the right one gets the
+    store's 503; an unknown page token gets 503 too (the lookup itself needs the store)."""
+    await web.r.store.close()
+    bad = {"Authorization": "Bearer " + "x" * 40}
+    assert (await web.client.get("/api/messages", headers=bad)).status == 401
+    good = {"Authorization": f"Bearer {ADMIN}"}
+    assert (await web.client.get("/api/messages", headers=good)).status == 503
+    assert (await web.client.get("/m/" + "A" * 32)).status == 503
+
+
+@pytest.mark.asyncio
 async def test_admin_api_refuses_without_the_exact_token(web: Web) -> None:
     qid, _ = await web.keep(Gate.CONFIRM)
     bad: list[dict[str, str]] = [

@@ -384,10 +384,11 @@ async def test_admin_api(web: Web) -> None:
     auth = {"Authorization": f"Bearer {ADMIN}"}
     data = await (await c.get("/api/messages?state=held&limit=1", headers=auth)).json()
     assert [i["id"] for i in data["items"]] == [qid2] and data["next"] == qid2
+    assert data["total"] == 2  # all pages, the same filters
     data = await (await c.get(f"/api/messages?state=held&before={qid2}", headers=auth)).json()
     assert [i["id"] for i in data["items"]] == [qid]
     data = await (await c.get(f"/api/messages?sender={SENDER}", headers=auth)).json()
-    assert len(data["items"]) == 2
+    assert len(data["items"]) == 2 and data["total"] == 2
     assert (await c.get("/api/messages?state=bogus", headers=auth)).status == 400
     show = await (await c.get(f"/api/messages/{qid}", headers=auth)).json()
     assert show["message"]["subject"] == "月次報告" and show["audit"][0]["to"] == "held"

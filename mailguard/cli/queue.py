@@ -46,7 +46,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     ls.add_argument("--state", choices=[s.value for s in State], help="only this state")
     ls.add_argument("--sender", metavar="ADDR", help="only this envelope sender")
     ls.add_argument("--since", metavar="WHEN", help="ISO time, or an age such as 2h, 3d")
-    ls.add_argument("--limit", type=int, default=50, metavar="N", help="page size (default 50)")
+    ls.add_argument(
+        "--limit", type=_limit, default=50, metavar="N", help="page size, 1-1000 (default 50)"
+    )
     ls.add_argument("--before", metavar="ID", help="the page after this id (from a previous list)")
     show = sub.add_parser("show", parents=[common], help="one message with its audit trail")
     show.add_argument("id")
@@ -55,6 +57,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         v.add_argument("id")
         v.add_argument("--why", default="", help="reason for the audit trail")
     p.set_defaults(func=main, queue_parser=p)
+
+
+def _limit(value: str) -> int:
+    n = int(value)
+    if not 1 <= n <= 1000:
+        raise argparse.ArgumentTypeError(f"{value}: must be 1 to 1000")
+    return n
 
 
 def _store_path(args: argparse.Namespace) -> str:
@@ -108,6 +117,15 @@ def _table(items: tuple[Held, ...]) -> str:
     return "\n".join(rows)
 
 
+def _count_line(args: argparse.Namespace, shown: int, total: int, nxt: str | None) -> str:
+    """ "50 of 100000 messages (state=held), newest first; next page: --before ID"."""
+    pairs = (("state", args.state), ("sender", args.sender), ("since", args.since))
+    filters = [f"{k}={v}" for k, v in pairs if v]
+    line = f"{shown} of {total} messages" + (f" ({', '.join(filters)})" if filters else "")
+    line += ", newest first" + (f", older than {args.before}" if args.before else "")
+    return line + (f"; next page: --before {nxt}" if nxt else "")
+
+
 def _show(h: Held, audit: list[dict[str, Any]]) -> str:
     s = Summary.from_json(h.summary)
     lines = [
@@ -138,25 +156,23 @@ async def _run(args: argparse.Namespace, path: str) -> int:
     async with make_store(path, pool_size=2, migrate=False) as store:
         cmd = args.queue_command
         if cmd == "list":
+            state = State(args.state) if args.state else None
+            since = _since(args.since)
             page = await store.list_messages(
-                state=State(args.state) if args.state else None,
-                sender=args.sender,
-                since=_since(args.since),
-                before=args.before,
-                limit=args.limit,
+                state=state, sender=args.sender, since=since, before=args.before, limit=args.limit
             )
+            # the same filters, counted: the line below says how much the page is of
+            total = await store.count(state, sender=args.sender, since=since)
             if args.json:
-                print(
-                    json.dumps(
-                        {"items": [h.to_json() for h in page.items], "next": page.next},
-                        ensure_ascii=False,
-                        indent=2,
-                    )
-                )
+                out: dict[str, object] = {
+                    "items": [h.to_json() for h in page.items],
+                    "next": page.next,
+                    "total": total,
+                }
+                print(json.dumps(out, ensure_ascii=False, indent=2))
             else:
                 print(_table(page.items))
-                if page.next:
-                    print(f"… more: --before {page.next}")
+                print(_count_line(args, len(page.items), total, page.next))
             return _EXIT_OK
         if cmd == "show":
             h = await store.get(args.id)

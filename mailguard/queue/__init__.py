@@ -2,6 +2,9 @@
 
 store.py    states, allowed moves, the HeldStore protocol and value types
 sqlite.py   SqliteStore: the embedded backend (WAL, fsync before 250)
+postgres.py PostgresStore: the shared backend (several guards, leases, migrations)
+rows.py     what both backends share: row mapping, move rules, token checks
+backends.py which backend a location (path or postgresql:// URL) names
 service.py  HoldService: keep / act on a token / release / cancel
 dsn.py      RFC 3464 bounces for mail that failed after our 250
 """
@@ -12,12 +15,14 @@ from mailguard.queue.store import (
     ALLOWED,
     TERMINAL,
     AuditEntry,
+    Budget,
     Held,
     HeldStore,
     NewNotice,
     NewToken,
     Page,
     PendingNotice,
+    PutRequest,
     State,
     TokenError,
     TokenInfo,
@@ -28,6 +33,7 @@ __all__ = [
     "ALLOWED",
     "TERMINAL",
     "AuditEntry",
+    "Budget",
     "Held",
     "HeldStore",
     "HoldService",
@@ -36,6 +42,7 @@ __all__ = [
     "Page",
     "PageView",
     "PendingNotice",
+    "PutRequest",
     "SqliteStore",
     "State",
     "TokenError",

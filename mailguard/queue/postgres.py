@@ -35,20 +35,33 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 from mailguard.errors import StoreError
+from mailguard.queue.backends import redact
+from mailguard.queue.rows import (
+    HELD_COLS,
+    NOTICE_COLS,
+    WHY_CLAIMED,
+    WHY_TAKEN_OVER,
+    check_redeem,
+    held_from,
+    held_values,
+    notice_from,
+    notice_row,
+    plan_move,
+    token_from,
+)
 from mailguard.queue.store import (
-    ALLOWED,
-    TERMINAL,
     AuditEntry,
+    Budget,
     Held,
     NewNotice,
     NewToken,
     Page,
     PendingNotice,
+    PutRequest,
     State,
     TokenError,
     TokenInfo,
@@ -59,6 +72,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _ADVISORY_KEY = 0x6D61696C67756172  # "mailguar": serialises migrations across nodes
+_RATE_LOCK = 0x6D67726C  # "mgrl" (+ the kind's hash): serialises rate-limit counting
 
 # (version, name, SQL). Append only; never edit a shipped step.
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
@@ -152,15 +166,21 @@ CREATE TABLE web_miss (
 CREATE INDEX web_miss_client ON web_miss(client, at);
 """,
     ),
+    (
+        2,
+        "web rate limits by kind (unknown-token misses, failed admin logins)",
+        """
+ALTER TABLE web_miss ADD COLUMN kind text NOT NULL DEFAULT 'token';
+DROP INDEX web_miss_client;
+CREATE INDEX web_miss_client ON web_miss(kind, client, at);
+CREATE INDEX web_miss_at ON web_miss(kind, at);
+""",
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
-_COLS = (
-    "id, state, gate, mail_from, rcpt_tos, queue_id, created, due, on_timeout, envelope, "
-    "decision, summary, size, updated, attempts, next_attempt, first_release, lease_until, "
-    "last_reply, last_by, last_why"
-)
-_NOTICE_COLS = "id, msg_id, kind, rcpts, data, null_sender, attempts, created, state, last_reply"
+_COLS = HELD_COLS
+_NOTICE_COLS = NOTICE_COLS
 # What a pooled connection is to the type checker; the code uses it as a Connection.
 Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 _ERRORS = (
@@ -170,23 +190,6 @@ _ERRORS = (
     OSError,
     TimeoutError,
 )
-
-
-def is_url(store: str) -> bool:
-    """True for a PostgreSQL URL (`postgresql://…`, `postgres://…`), False for a file path."""
-    return store.startswith(("postgresql://", "postgres://"))
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for logs and messages."""
-    try:
-        u = urlsplit(url)
-    except ValueError:
-        return "postgresql://…"
-    if u.password is None:
-        return url
-    netloc = f"{u.username}:***@{u.hostname}" + (f":{u.port}" if u.port else "")
-    return urlunsplit((u.scheme, netloc, u.path, u.query, u.fragment))
 
 
 def _jsonb_out(v: Any) -> bytes:
@@ -205,44 +208,29 @@ async def _init_connection(c: Conn) -> None:
 
 
 def _held(r: asyncpg.Record) -> Held:
-    return Held(
-        id=r["id"],
-        state=State(r["state"]),
-        gate=r["gate"],
-        mail_from=r["mail_from"],
-        rcpt_tos=tuple(r["rcpt_tos"]),
-        created=r["created"],
-        due=r["due"],
-        on_timeout=r["on_timeout"],
-        queue_id=r["queue_id"],
-        envelope=r["envelope"],
-        decision=r["decision"],
-        summary=r["summary"],
-        size=r["size"],
-        updated=r["updated"],
-        attempts=r["attempts"],
-        next_attempt=r["next_attempt"],
-        first_release=r["first_release"],
-        lease_until=r["lease_until"],
-        last_reply=r["last_reply"],
-        last_by=r["last_by"],
-        last_why=r["last_why"],
-    )
+    return held_from(r)
 
 
 def _notice(r: asyncpg.Record) -> PendingNotice:
-    return PendingNotice(
-        id=r["id"],
-        msg_id=r["msg_id"],
-        kind=r["kind"],
-        to=tuple(r["rcpts"]),
-        data=r["data"],
-        null_sender=r["null_sender"],
-        attempts=r["attempts"],
-        created=r["created"],
-        state=r["state"],
-        last_reply=r["last_reply"],
-    )
+    return notice_from(r)
+
+
+def _where(
+    state: State | None, sender: str | None, since: datetime | None, before: str | None
+) -> tuple[str, list[Any]]:
+    """The WHERE clause (with its leading space, or "") of a list/count, and its arguments."""
+    where: list[str] = []
+    args: list[Any] = []
+    for cond, val in (
+        ("state = ${}", state.value if state is not None else None),
+        ("mail_from = ${}", sender or None),
+        ("created >= ${}", since),
+        ("id < ${}", before or None),  # ids sort by creation time: keyset pagination
+    ):
+        if val is not None:
+            args.append(val)
+            where.append(cond.format(len(args)))
+    return (" WHERE " + " AND ".join(where) if where else ""), args
 
 
 class PostgresStore:
@@ -512,9 +500,7 @@ class PostgresStore:
     async def _insert_notices(c: Conn, notices: Sequence[NewNotice], now: datetime) -> list[int]:
         ids = []
         for n in notices:
-            parked = n.after_delivery is not None
-            if parked and not n.msg_id:
-                raise ValueError("a notice parked until delivery needs its message id")
+            row = notice_row(n)
             nid = await c.fetchval(
                 "INSERT INTO notice(msg_id, kind, rcpts, data, null_sender, created, "
                 "next_attempt, state, delay) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9) RETURNING id",
@@ -525,8 +511,8 @@ class PostgresStore:
                 n.null_sender,
                 now,
                 n.due,
-                "parked" if parked else "pending",
-                n.after_delivery.total_seconds() if n.after_delivery is not None else 0.0,
+                row.state,
+                row.delay,
             )
             ids.append(int(nid))
         return ids
@@ -555,42 +541,40 @@ class PostgresStore:
         by: str = "smtp",
         why: str = "",
     ) -> None:
+        await self._tx(lambda c: self._put(c, item, raw, tokens, notices, by, why))
+
+    async def put_many(self, batch: Sequence[PutRequest]) -> None:
+        """Several put()s in ONE transaction: all stored, or none."""
+
         async def work(c: Conn) -> None:
-            await c.execute(
-                f"INSERT INTO held({_COLS}) VALUES "
-                "($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21)",
-                item.id,
-                item.state.value,
-                item.gate,
-                item.mail_from,
-                list(item.rcpt_tos),
-                item.queue_id,
-                item.created,
-                item.due,
-                item.on_timeout,
-                dict(item.envelope),
-                dict(item.decision),
-                dict(item.summary),
-                len(raw),
-                item.created,
-                item.attempts,
-                item.next_attempt,
-                item.first_release,
-                None,
-                "",
-                by,
-                why,
-            )
-            await c.execute("INSERT INTO raw(id, bytes) VALUES ($1, $2)", item.id, raw)
-            if tokens:
-                await c.executemany(
-                    "INSERT INTO token(hash, msg_id, role, who, expires) VALUES ($1,$2,$3,$4,$5)",
-                    [(t.hash, item.id, t.role, t.who, t.expires) for t in tokens],
-                )
-            await self._insert_notices(c, notices, item.created)
-            await self._audit(c, item.id, item.created, None, item.state, by, why)
+            for p in batch:
+                await self._put(c, p.item, p.raw, p.tokens, p.notices, p.by, p.why)
 
         await self._tx(work)
+
+    async def _put(
+        self,
+        c: Conn,
+        item: Held,
+        raw: bytes,
+        tokens: Sequence[NewToken],
+        notices: Sequence[NewNotice],
+        by: str,
+        why: str,
+    ) -> None:
+        await c.execute(
+            f"INSERT INTO held({_COLS}) VALUES "
+            "($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21)",
+            *held_values(item, len(raw), by, why),
+        )
+        await c.execute("INSERT INTO raw(id, bytes) VALUES ($1, $2)", item.id, raw)
+        if tokens:
+            await c.executemany(
+                "INSERT INTO token(hash, msg_id, role, who, expires) VALUES ($1,$2,$3,$4,$5)",
+                [(t.hash, item.id, t.role, t.who, t.expires) for t in tokens],
+            )
+        await self._insert_notices(c, notices, item.created)
+        await self._audit(c, item.id, item.created, None, item.state, by, why)
 
     async def get(self, msg_id: str) -> Held | None:
         return await self._read(lambda c: self._get(c, msg_id))
@@ -613,28 +597,18 @@ class PostgresStore:
         last_reply: str | None,
     ) -> Held:
         cur = await self._get(c, msg_id, lock=True)
-        if cur is None or to not in ALLOWED[cur.state] or (expect and cur.state not in expect):
-            raise TransitionError(msg_id, cur.state if cur else None, to)
-        sets = ["state = $2", "updated = $3", "last_by = $4", "last_why = $5"]
-        args: list[Any] = [to.value, now, by, why]
-        if to is State.RELEASED:
-            args.append(next_attempt or now)
-            sets.append(f"next_attempt = ${len(args) + 1}")
-            if cur.first_release is None:
-                args.append(now)
-                sets.append(f"first_release = ${len(args) + 1}")
-        if to in TERMINAL or to is State.RELEASED:
-            sets += ["lease_until = NULL", "lease_owner = NULL"]
-        if last_reply is not None:
-            args.append(last_reply)
-            sets.append(f"last_reply = ${len(args) + 1}")
-        await c.execute(f"UPDATE held SET {', '.join(sets)} WHERE id = $1", msg_id, *args)
-        if to in TERMINAL:
+        plan = plan_move(cur, msg_id, to, now, by, why, expect, next_attempt, last_reply)
+        assert cur is not None
+        sets = ", ".join(f"{col} = ${i}" for i, (col, _) in enumerate(plan.assign, 2))
+        await c.execute(
+            f"UPDATE held SET {sets} WHERE id = $1", msg_id, *(v for _, v in plan.assign)
+        )
+        if plan.drop_raw:
             await c.execute("DELETE FROM raw WHERE id = $1", msg_id)
-            if to is State.DELIVERED:
-                await self._release_parked(c, msg_id, now)
-            else:
-                await c.execute("DELETE FROM notice WHERE msg_id = $1 AND state = 'parked'", msg_id)
+        if plan.parked == "release":
+            await self._release_parked(c, msg_id, now)
+        elif plan.parked == "drop":
+            await c.execute("DELETE FROM notice WHERE msg_id = $1 AND state = 'parked'", msg_id)
         await self._audit(c, msg_id, now, cur.state, to, by, why)
         await self._insert_notices(c, notices, now)
         new = await self._get(c, msg_id)
@@ -675,14 +649,7 @@ class PostgresStore:
         held = await PostgresStore._get(c, r["msg_id"], lock=lock)
         if held is None:
             return None
-        info = TokenInfo(
-            msg_id=r["msg_id"],
-            role=r["role"],
-            who=r["who"],
-            expires=r["expires"],
-            used_at=r["used_at"],
-            used_for=r["used_for"],
-        )
+        info = token_from(r)
         return info, held
 
     async def token(self, token_hash: bytes) -> tuple[TokenInfo, Held] | None:
@@ -704,12 +671,7 @@ class PostgresStore:
             if found is None:
                 raise TokenError("unknown")
             info, held = found
-            if info.used_at is not None:
-                raise TokenError("used", held)
-            if held.state is not State.HELD:
-                raise TokenError("decided", held)
-            if info.expires <= now:
-                raise TokenError("expired", held)
+            check_redeem(info, held, now)
             await c.execute(
                 "UPDATE token SET used_at = $1, used_for = $2 WHERE hash = $3",
                 now,
@@ -732,22 +694,9 @@ class PostgresStore:
         limit: int = 50,
     ) -> Page:
         limit = max(1, min(limit, 1000))
-        where: list[str] = []
-        args: list[Any] = []
-        for cond, val in (
-            ("state = ${}", state.value if state is not None else None),
-            ("mail_from = ${}", sender or None),
-            ("created >= ${}", since),
-            ("id < ${}", before or None),  # ids sort by creation time: keyset pagination
-        ):
-            if val is not None:
-                args.append(val)
-                where.append(cond.format(len(args)))
-        sql = f"SELECT {_COLS} FROM held"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
+        cond, args = _where(state, sender, since, before)
         args.append(limit + 1)
-        sql += f" ORDER BY id DESC LIMIT ${len(args)}"
+        sql = f"SELECT {_COLS} FROM held{cond} ORDER BY id DESC LIMIT ${len(args)}"
         rows = await self._read(lambda c: c.fetch(sql, *args))
         items = tuple(_held(r) for r in rows[:limit])
         return Page(items, items[-1].id if len(rows) > limit else None)
@@ -759,12 +708,15 @@ class PostgresStore:
             out[str(st)] = int(n)
         return out
 
-    async def count(self, state: State | None = None) -> int:
-        if state is None:
-            v = await self._read(lambda c: c.fetchval("SELECT count(*) FROM held"))
-        else:
-            q = "SELECT count(*) FROM held WHERE state = $1"
-            v = await self._read(lambda c: c.fetchval(q, state.value))
+    async def count(
+        self,
+        state: State | None = None,
+        *,
+        sender: str | None = None,
+        since: datetime | None = None,
+    ) -> int:
+        cond, args = _where(state, sender, since, None)
+        v = await self._read(lambda c: c.fetchval(f"SELECT count(*) FROM held{cond}", *args))
         return int(v)
 
     async def oldest_held(self) -> datetime | None:
@@ -820,8 +772,8 @@ class PostgresStore:
                 )
                 UPDATE held AS h SET state = 'delivering', lease_until = $2, lease_owner = $3,
                     attempts = h.attempts + 1, updated = $1, last_by = 'scheduler',
-                    last_why = CASE WHEN due.prev = 'released' THEN 'delivery attempt'
-                                    ELSE 'lease ran out (crash?)' END
+                    last_why = CASE WHEN due.prev = 'released' THEN '{WHY_CLAIMED}'
+                                    ELSE '{WHY_TAKEN_OVER}' END
                 FROM due WHERE h.id = due.id
                 RETURNING {", ".join("h." + col.strip() for col in _COLS.split(","))}, due.prev
                 """,
@@ -953,35 +905,46 @@ class PostgresStore:
 
     # -- web rate limits shared by every node ---------------------------------------------------
 
-    async def web_miss(self, client: str, window: float) -> int:
-        """Count one unknown-token request from `client`; its misses within `window` seconds."""
+    async def rate_hit(self, budget: Budget, client: str) -> bool:
+        """Counted under a per-kind advisory lock, so two nodes counting at the same instant
+        cannot both take the last unit of a budget. The database's clock (`now()`) decides the
+        window: nodes' clocks do not matter. Not worth a WAL flush: synchronous_commit off for
+        this transaction (a crash of the database host may forget the last few misses)."""
 
-        async def work(c: Conn) -> int:
+        async def work(c: Conn) -> bool:
+            await c.execute("SET LOCAL synchronous_commit = off")
             await c.execute(
-                "DELETE FROM web_miss WHERE client = $1 AND at < now() - make_interval(secs => $2)",
-                client,
-                window,
+                "SELECT pg_advisory_xact_lock($1, hashtext($2))", _RATE_LOCK, budget.kind
             )
-            await c.execute("INSERT INTO web_miss(client, at) VALUES ($1, now())", client)
-            return int(await c.fetchval("SELECT count(*) FROM web_miss WHERE client = $1", client))
+            await c.execute(
+                "DELETE FROM web_miss WHERE kind = $1 AND at <= now() - make_interval(secs => $2)",
+                budget.kind,
+                budget.window,
+            )
+            mine, everyone = await self._rate_counts(c, budget, client)
+            over = budget.over(mine, everyone)
+            if not over and budget.records(everyone):
+                await c.execute(
+                    "INSERT INTO web_miss(kind, client, at) VALUES ($1, $2, now())",
+                    budget.kind,
+                    client,
+                )
+            return over
 
         return await self._tx(work)
 
-    async def web_misses(self, client: str, window: float) -> int:
-        v = await self._read(
-            lambda c: c.fetchval(
-                "SELECT count(*) FROM web_miss WHERE client = $1 "
-                "AND at >= now() - make_interval(secs => $2)",
-                client,
-                window,
-            )
+    @staticmethod
+    async def _rate_counts(c: Conn, budget: Budget, client: str) -> tuple[int, int]:
+        r = await c.fetchrow(
+            "SELECT count(*) FILTER (WHERE client = $2) AS mine, count(*) AS everyone "
+            "FROM web_miss WHERE kind = $1 AND at > now() - make_interval(secs => $3)",
+            budget.kind,
+            client,
+            budget.window,
         )
-        return int(v)
+        assert r is not None
+        return int(r["mine"]), int(r["everyone"])
 
-    async def web_miss_sweep(self, window: float) -> int:
-        r: str = await self._tx(
-            lambda c: c.execute(
-                "DELETE FROM web_miss WHERE at < now() - make_interval(secs => $1)", window
-            )
-        )
-        return int(r.split()[-1])
+    async def rate_blocked(self, budget: Budget, client: str) -> bool:
+        mine, everyone = await self._read(lambda c: self._rate_counts(c, budget, client))
+        return budget.over(mine, everyone)

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -31,15 +32,27 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mailguard.errors import StoreError
+from mailguard.queue.rows import (
+    HELD_COLS,
+    check_redeem,
+    claim_why,
+    encode_values,
+    held_from,
+    held_values,
+    notice_from,
+    notice_row,
+    plan_move,
+    token_from,
+)
 from mailguard.queue.store import (
-    ALLOWED,
-    TERMINAL,
     AuditEntry,
+    Budget,
     Held,
     NewNotice,
     NewToken,
     Page,
     PendingNotice,
+    PutRequest,
     State,
     TokenError,
     TokenInfo,
@@ -51,7 +64,9 @@ from mailguard.queue.store import (
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2  # 2: notice.delay, state 'parked' (sent only after the message's delivery)
+# 2: notice.delay, state 'parked' (sent only after the message's delivery)
+# 3: web_miss (web rate limits in the store)
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS held (
     id TEXT PRIMARY KEY,
@@ -124,54 +139,49 @@ CREATE TABLE IF NOT EXISTS notice (
 );
 CREATE INDEX IF NOT EXISTS notice_due ON notice(state, next_attempt);
 CREATE INDEX IF NOT EXISTS notice_msg ON notice(msg_id);
+CREATE TABLE IF NOT EXISTS web_miss (
+    kind TEXT NOT NULL,
+    client TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS web_miss_client ON web_miss(kind, client, at);
+CREATE INDEX IF NOT EXISTS web_miss_at ON web_miss(kind, at);
 """
 
-_COLS = (
-    "id, state, gate, mail_from, rcpt_tos, queue_id, created, due, on_timeout, envelope, "
-    "decision, summary, size, updated, attempts, next_attempt, first_release, lease_until, "
-    "last_reply, last_by, last_why"
-)
+_COLS = HELD_COLS
+
+
+def _json_out(v: Any) -> str:
+    return json.dumps(v, ensure_ascii=False, default=str)
 
 
 def _row_to_held(r: sqlite3.Row) -> Held:
-    return Held(
-        id=r["id"],
-        state=State(r["state"]),
-        gate=r["gate"],
-        mail_from=r["mail_from"],
-        rcpt_tos=tuple(json.loads(r["rcpt_tos"])),
-        created=dt(r["created"]),  # type: ignore[arg-type]
-        due=dt(r["due"]),  # type: ignore[arg-type]
-        on_timeout=r["on_timeout"],
-        queue_id=r["queue_id"],
-        envelope=json.loads(r["envelope"]),
-        decision=json.loads(r["decision"]),
-        summary=json.loads(r["summary"]),
-        size=r["size"],
-        updated=dt(r["updated"]),
-        attempts=r["attempts"],
-        next_attempt=dt(r["next_attempt"]),
-        first_release=dt(r["first_release"]),
-        lease_until=dt(r["lease_until"]),
-        last_reply=r["last_reply"],
-        last_by=r["last_by"],
-        last_why=r["last_why"],
-    )
+    return held_from(r, json.loads, dt)
 
 
 def _row_to_notice(r: sqlite3.Row) -> PendingNotice:
-    return PendingNotice(
-        id=r["id"],
-        msg_id=r["msg_id"],
-        kind=r["kind"],
-        to=tuple(json.loads(r["rcpts"])),
-        data=json.loads(r["data"]),
-        null_sender=bool(r["null_sender"]),
-        attempts=r["attempts"],
-        created=dt(r["created"]),  # type: ignore[arg-type]
-        state=r["state"],
-        last_reply=r["last_reply"],
-    )
+    return notice_from(r, json.loads, dt)
+
+
+def _where(
+    state: State | None, sender: str | None, since: datetime | None, before: str | None
+) -> tuple[str, list[Any]]:
+    """The WHERE clause (with its leading space, or "") of a list/count, and its arguments."""
+    where: list[str] = []
+    args: list[Any] = []
+    if state is not None:
+        where.append("state = ?")
+        args.append(state.value)
+    if sender:
+        where.append("mail_from = ?")
+        args.append(sender)
+    if since is not None:
+        where.append("created >= ?")
+        args.append(ts(since))
+    if before:
+        where.append("id < ?")  # ids sort by creation time: keyset pagination
+        args.append(before)
+    return (" WHERE " + " AND ".join(where) if where else ""), args
 
 
 class SqliteStore:
@@ -223,14 +233,15 @@ class SqliteStore:
         row = db.execute("SELECT value FROM queue_meta WHERE key = 'schema'").fetchone()
         if row and int(row[0]) > SCHEMA_VERSION:
             raise StoreError(f"{self.path}: queue schema {row[0]} is newer than this MailGuard")
-        db.executescript(SCHEMA)
-        cols = {r[1] for r in db.execute("PRAGMA table_info(notice)")}
-        if "delay" not in cols:  # schema 1 → 2
-            db.execute("ALTER TABLE notice ADD COLUMN delay REAL NOT NULL DEFAULT 0")
-        db.execute(
-            "INSERT OR REPLACE INTO queue_meta(key, value) VALUES ('schema', ?)",
-            (str(SCHEMA_VERSION),),
-        )
+        if row is None or int(row[0]) < SCHEMA_VERSION:  # else nothing to write (and fsync)
+            db.executescript(SCHEMA)
+            cols = {r[1] for r in db.execute("PRAGMA table_info(notice)")}
+            if "delay" not in cols:  # schema 1 → 2
+                db.execute("ALTER TABLE notice ADD COLUMN delay REAL NOT NULL DEFAULT 0")
+            db.execute(
+                "INSERT OR REPLACE INTO queue_meta(key, value) VALUES ('schema', ?)",
+                (str(SCHEMA_VERSION),),
+            )
         self._db = db
         # A new -wal file's directory entry must survive a crash too.
         fd = os.open(self.path.parent, os.O_RDONLY)
@@ -272,16 +283,23 @@ class SqliteStore:
             raise StoreError(f"{self.path}: store is not open")
         return self._db
 
-    def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run fn inside BEGIN IMMEDIATE … COMMIT (rolled back on any error)."""
+    def _tx(self, fn: Callable[[sqlite3.Connection], T], *, fsync: bool = True) -> T:
+        """Run fn inside BEGIN IMMEDIATE … COMMIT (rolled back on any error). fsync=False: a
+        commit that may be lost in a power cut (rate-limit counts), without the WAL fsync."""
         c = self._c
-        c.execute("BEGIN IMMEDIATE")
+        if not fsync:
+            c.execute("PRAGMA synchronous=NORMAL")
         try:
-            out = fn(c)
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
-        c.execute("COMMIT")
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                out = fn(c)
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+            c.execute("COMMIT")
+        finally:
+            if not fsync:
+                c.execute("PRAGMA synchronous=FULL")
         return out
 
     @staticmethod
@@ -305,9 +323,7 @@ class SqliteStore:
     ) -> list[int]:
         ids = []
         for n in notices:
-            parked = n.after_delivery is not None
-            if parked and not n.msg_id:
-                raise ValueError("a notice parked until delivery needs its message id")
+            row = notice_row(n)
             cur = c.execute(
                 "INSERT INTO notice(msg_id, kind, rcpts, data, null_sender, created, "
                 "next_attempt, state, delay) VALUES (?,?,?,?,?,?,?,?,?)",
@@ -319,8 +335,8 @@ class SqliteStore:
                     int(n.null_sender),
                     now,
                     ts(n.due),
-                    "parked" if parked else "pending",
-                    n.after_delivery.total_seconds() if n.after_delivery is not None else 0.0,
+                    row.state,
+                    row.delay,
                 ),
             )
             ids.append(int(cur.lastrowid or 0))
@@ -334,6 +350,28 @@ class SqliteStore:
         except StoreError:
             return False
 
+    def _put(
+        self,
+        c: sqlite3.Connection,
+        item: Held,
+        raw: bytes,
+        tokens: Sequence[NewToken],
+        notices: Sequence[NewNotice],
+        by: str,
+        why: str,
+    ) -> None:
+        c.execute(
+            f"INSERT INTO held({_COLS}) VALUES ({','.join('?' * 21)})",
+            encode_values(held_values(item, len(raw), by, why), _json_out, ts),
+        )
+        c.execute("INSERT INTO raw(id, bytes) VALUES (?, ?)", (item.id, raw))
+        c.executemany(
+            "INSERT INTO token(hash, msg_id, role, who, expires) VALUES (?,?,?,?,?)",
+            [(t.hash, item.id, t.role, t.who, ts(t.expires)) for t in tokens],
+        )
+        self._insert_notices(c, notices, ts(item.created) or 0.0)
+        self._audit(c, item.id, item.created, None, item.state, by, why)
+
     async def put(
         self,
         item: Held,
@@ -344,40 +382,16 @@ class SqliteStore:
         by: str = "smtp",
         why: str = "",
     ) -> None:
+        await self._run(
+            lambda: self._tx(lambda c: self._put(c, item, raw, tokens, notices, by, why))
+        )
+
+    async def put_many(self, batch: Sequence[PutRequest]) -> None:
+        """Several put()s in ONE transaction (one fsync): all stored, or none."""
+
         def work(c: sqlite3.Connection) -> None:
-            c.execute(
-                f"INSERT INTO held({_COLS}) VALUES ({','.join('?' * 21)})",
-                (
-                    item.id,
-                    item.state.value,
-                    item.gate,
-                    item.mail_from,
-                    json.dumps(list(item.rcpt_tos)),
-                    item.queue_id,
-                    ts(item.created),
-                    ts(item.due),
-                    item.on_timeout,
-                    json.dumps(dict(item.envelope)),
-                    json.dumps(dict(item.decision), ensure_ascii=False, default=str),
-                    json.dumps(dict(item.summary), ensure_ascii=False, default=str),
-                    len(raw),
-                    ts(item.created),
-                    item.attempts,
-                    ts(item.next_attempt),
-                    ts(item.first_release),
-                    None,
-                    "",
-                    by,
-                    why,
-                ),
-            )
-            c.execute("INSERT INTO raw(id, bytes) VALUES (?, ?)", (item.id, raw))
-            c.executemany(
-                "INSERT INTO token(hash, msg_id, role, who, expires) VALUES (?,?,?,?,?)",
-                [(t.hash, item.id, t.role, t.who, ts(t.expires)) for t in tokens],
-            )
-            self._insert_notices(c, notices, ts(item.created) or 0.0)
-            self._audit(c, item.id, item.created, None, item.state, by, why)
+            for p in batch:
+                self._put(c, p.item, p.raw, p.tokens, p.notices, p.by, p.why)
 
         await self._run(lambda: self._tx(work))
 
@@ -409,29 +423,17 @@ class SqliteStore:
         last_reply: str | None,
     ) -> Held:
         cur = self._get(c, msg_id)
-        if cur is None or to not in ALLOWED[cur.state] or (expect and cur.state not in expect):
-            raise TransitionError(msg_id, cur.state if cur else None, to)
-        sets = ["state = ?", "updated = ?", "last_by = ?", "last_why = ?"]
-        args: list[Any] = [to.value, ts(now), by, why]
-        if to is State.RELEASED:
-            sets.append("next_attempt = ?")
-            args.append(ts(next_attempt or now))
-            if cur.first_release is None:
-                sets.append("first_release = ?")
-                args.append(ts(now))
-        if to in TERMINAL or to is State.RELEASED:
-            sets += ["lease_until = NULL", "lease_owner = NULL"]
-        if last_reply is not None:
-            sets.append("last_reply = ?")
-            args.append(last_reply)
-        c.execute(f"UPDATE held SET {', '.join(sets)} WHERE id = ?", (*args, msg_id))
-        if to in TERMINAL:
-            # Content is not kept after the fact; metadata and audit stay.
+        plan = plan_move(cur, msg_id, to, now, by, why, expect, next_attempt, last_reply)
+        assert cur is not None
+        sets = ", ".join(f"{col} = ?" for col, _ in plan.assign)
+        args = [ts(v) if isinstance(v, datetime) else v for _, v in plan.assign]
+        c.execute(f"UPDATE held SET {sets} WHERE id = ?", (*args, msg_id))
+        if plan.drop_raw:
             c.execute("DELETE FROM raw WHERE id = ?", (msg_id,))
-            if to is State.DELIVERED:
-                self._release_parked(c, msg_id, now)
-            else:  # cancelled, expired, failed: a password must not go out for it
-                c.execute("DELETE FROM notice WHERE msg_id = ? AND state = 'parked'", (msg_id,))
+        if plan.parked == "release":
+            self._release_parked(c, msg_id, now)
+        elif plan.parked == "drop":
+            c.execute("DELETE FROM notice WHERE msg_id = ? AND state = 'parked'", (msg_id,))
         self._audit(c, msg_id, now, cur.state, to, by, why)
         self._insert_notices(c, notices, ts(now) or 0.0)
         new = self._get(c, msg_id)
@@ -468,14 +470,7 @@ class SqliteStore:
         held = self._get(c, r["msg_id"])
         if held is None:
             return None
-        info = TokenInfo(
-            msg_id=r["msg_id"],
-            role=r["role"],
-            who=r["who"],
-            expires=dt(r["expires"]),  # type: ignore[arg-type]
-            used_at=dt(r["used_at"]),
-            used_for=r["used_for"],
-        )
+        info = token_from(r, dt)
         return info, held
 
     async def token(self, token_hash: bytes) -> tuple[TokenInfo, Held] | None:
@@ -497,12 +492,7 @@ class SqliteStore:
             if found is None:
                 raise TokenError("unknown")
             info, held = found
-            if info.used_at is not None:
-                raise TokenError("used", held)
-            if held.state is not State.HELD:
-                raise TokenError("decided", held)
-            if info.expires <= now:
-                raise TokenError("expired", held)
+            check_redeem(info, held, now)
             c.execute(
                 "UPDATE token SET used_at = ?, used_for = ? WHERE hash = ?",
                 (ts(now), action, token_hash),
@@ -523,24 +513,8 @@ class SqliteStore:
         limit: int = 50,
     ) -> Page:
         limit = max(1, min(limit, 1000))
-        where: list[str] = []
-        args: list[Any] = []
-        if state is not None:
-            where.append("state = ?")
-            args.append(state.value)
-        if sender:
-            where.append("mail_from = ?")
-            args.append(sender)
-        if since is not None:
-            where.append("created >= ?")
-            args.append(ts(since))
-        if before:
-            where.append("id < ?")  # ids sort by creation time: keyset pagination
-            args.append(before)
-        sql = f"SELECT {_COLS} FROM held"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY id DESC LIMIT ?"
+        cond, args = _where(state, sender, since, before)
+        sql = f"SELECT {_COLS} FROM held{cond} ORDER BY id DESC LIMIT ?"
 
         def work() -> Page:
             rows = self._c.execute(sql, (*args, limit + 1)).fetchall()
@@ -558,14 +532,16 @@ class SqliteStore:
 
         return await self._run(work)
 
-    async def count(self, state: State | None = None) -> int:
-        def work() -> int:
-            if state is None:
-                return int(self._c.execute("SELECT count(*) FROM held").fetchone()[0])
-            q = "SELECT count(*) FROM held WHERE state = ?"
-            return int(self._c.execute(q, (state.value,)).fetchone()[0])
-
-        return await self._run(work)
+    async def count(
+        self,
+        state: State | None = None,
+        *,
+        sender: str | None = None,
+        since: datetime | None = None,
+    ) -> int:
+        cond, args = _where(state, sender, since, None)
+        q = f"SELECT count(*) FROM held{cond}"
+        return await self._run(lambda: int(self._c.execute(q, args).fetchone()[0]))
 
     async def oldest_held(self) -> datetime | None:
         def work() -> datetime | None:
@@ -618,7 +594,7 @@ class SqliteStore:
             out = []
             for r in rows:
                 frm = State(r["state"])
-                why = "delivery attempt" if frm is State.RELEASED else "lease ran out (crash?)"
+                why = claim_why(frm)
                 c.execute(
                     "UPDATE held SET state = 'delivering', lease_until = ?, lease_owner = ?, "
                     "attempts = attempts + 1, updated = ?, last_by = 'scheduler', last_why = ? "
@@ -723,5 +699,40 @@ class SqliteStore:
                 "SELECT * FROM notice WHERE msg_id = ? ORDER BY id", (msg_id,)
             ).fetchall()
             return [_row_to_notice(r) for r in rows]
+
+        return await self._run(work)
+
+    # -- web rate limits (every process on this file shares them) -------------------------------
+
+    @staticmethod
+    def _rate_counts(
+        c: sqlite3.Connection, budget: Budget, client: str, since: float
+    ) -> tuple[bool, int]:
+        mine, everyone = c.execute(
+            "SELECT count(*) FILTER (WHERE client = ?2), count(*) FROM web_miss "
+            "WHERE kind = ?1 AND at > ?3",
+            (budget.kind, client, since),
+        ).fetchone()
+        return budget.over(int(mine), int(everyone)), int(everyone)
+
+    async def rate_hit(self, budget: Budget, client: str) -> bool:
+        def work(c: sqlite3.Connection) -> bool:
+            now = time.time()
+            since = now - budget.window
+            c.execute("DELETE FROM web_miss WHERE kind = ? AND at <= ?", (budget.kind, since))
+            over, everyone = self._rate_counts(c, budget, client, since)
+            if not over and budget.records(everyone):
+                c.execute(
+                    "INSERT INTO web_miss(kind, client, at) VALUES (?, ?, ?)",
+                    (budget.kind, client, now),
+                )
+            return over
+
+        return await self._run(lambda: self._tx(work, fsync=False))
+
+    async def rate_blocked(self, budget: Budget, client: str) -> bool:
+        def work() -> bool:
+            since = time.time() - budget.window
+            return self._rate_counts(self._c, budget, client, since)[0]
 
         return await self._run(work)

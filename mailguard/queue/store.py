@@ -208,13 +208,52 @@ class PendingNotice:
 
 
 @dataclass(frozen=True, slots=True)
+class PutRequest:
+    """One put() of a put_many() batch."""
+
+    item: Held
+    raw: bytes
+    tokens: Sequence[NewToken] = ()
+    notices: Sequence[NewNotice] = ()
+    by: str = "smtp"
+    why: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Page:
     items: tuple[Held, ...]
     next: str | None  # cursor for the following page (the last id), None at the end
 
 
+# With no global budget, at most this many events per kind and window are recorded (rows stay
+# bounded under a flood from many addresses); per-client budgets still apply to what is recorded.
+RATE_ROWS_CAP = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """Web rate limits kept in the store (shared by every process and node on it): at most
+    `limit` events per client and `global_limit` from all clients together (0 = none) within
+    `window` seconds, for one `kind` ("token": unknown-token misses; "login": failed admin
+    logins)."""
+
+    kind: str
+    limit: int
+    window: float
+    global_limit: int = 0
+
+    def over(self, mine: int, everyone: int) -> bool:
+        return (self.global_limit > 0 and everyone >= self.global_limit) or (
+            self.limit > 0 and mine >= self.limit
+        )
+
+    def records(self, everyone: int) -> bool:
+        """Record one more event (the budget was not over)? Not past the row cap."""
+        return everyone < (self.global_limit if self.global_limit > 0 else RATE_ROWS_CAP)
+
+
 class HeldStore(Protocol):
-    """The durable queue. Backends: SqliteStore (embedded); PostgreSQL can follow unchanged."""
+    """The durable queue. Backends: SqliteStore (embedded), PostgresStore (shared)."""
 
     async def open(self) -> None: ...
 
@@ -236,6 +275,10 @@ class HeldStore(Protocol):
     ) -> None:
         """Store message, tokens and notices in one transaction; return only after the commit
         is durable (fsynced): the SMTP 250 depends on it. Raises StoreError otherwise."""
+        ...
+
+    async def put_many(self, batch: Sequence[PutRequest]) -> None:
+        """Several put()s in one transaction: all durable on return, or none (StoreError)."""
         ...
 
     async def get(self, msg_id: str) -> Held | None: ...
@@ -289,7 +332,15 @@ class HeldStore(Protocol):
         """Newest first; `before` = the cursor of the previous page."""
         ...
 
-    async def count(self, state: State | None = None) -> int: ...
+    async def count(
+        self,
+        state: State | None = None,
+        *,
+        sender: str | None = None,
+        since: datetime | None = None,
+    ) -> int:
+        """Messages matching the filters list_messages takes (its `before` aside)."""
+        ...
 
     async def counts(self) -> dict[str, int]:
         """Messages per state, read in one query (every state present, 0 when empty)."""
@@ -343,6 +394,15 @@ class HeldStore(Protocol):
         ...
 
     async def notices_for(self, msg_id: str) -> list[PendingNotice]: ...
+
+    async def rate_hit(self, budget: Budget, client: str) -> bool:
+        """One event (a miss) from `client`: True = over the budget already (answer 429, not
+        counted); False = counted. Events older than the window are pruned here."""
+        ...
+
+    async def rate_blocked(self, budget: Budget, client: str) -> bool:
+        """Is `client` (or everyone together) over the budget? Reads only."""
+        ...
 
 
 def ts(d: datetime | None) -> float | None:

@@ -3,10 +3,12 @@
 A GET never changes state: mail security gateways and link scanners open every link in a mail,
 so GET/HEAD only show the page and a POST acts. The POST must carry a CSRF value (HMAC of token,
 action and issue time under the server secret) from a page rendered at most an hour earlier.
-Unknown tokens (misses) are counted per client address and for all clients together; past either
-budget an unknown token is answered 429 instead of 404, so guessing a 192-bit token is hopeless
-and noisy. A valid token is never refused for its client's misses: the lookup comes first, so
-people behind one proxy address are not locked out by a guesser among them. The client address is
+Unknown tokens (misses) are counted per client address and for all clients together, in the store
+(`HeldStore.rate_hit`): every node on a shared PostgreSQL store spends the same budget, and a
+restart does not reset it. Past either budget an unknown token is answered 429 instead of 404,
+so guessing a 192-bit token is hopeless and noisy. A valid token is never refused for its
+client's misses: the lookup comes first, so people behind one proxy address are not locked out
+by a guesser among them. The client address is
 the TCP peer, or — only when the peer is a configured trusted proxy — the address the proxy puts
 in `client_ip_header` (X-Forwarded-For: the right-most address that is not a trusted proxy).
 Failed admin-API logins are throttled the same way (per client and for all clients together);
@@ -29,7 +31,6 @@ action carried out observes the time from arrival to the person's decision.
 from __future__ import annotations
 
 import base64
-import collections
 import hashlib
 import hmac
 import ipaddress
@@ -51,7 +52,7 @@ from mailguard.errors import StoreError
 from mailguard.logfmt import install_redaction, redact_tokens
 from mailguard.notify.render import human_size
 from mailguard.queue.service import HoldService
-from mailguard.queue.store import Held, HeldStore, State, TokenError, TransitionError
+from mailguard.queue.store import Budget, Held, HeldStore, State, TokenError, TransitionError
 from mailguard.summary import Recipient, Summary
 from mailguard.textsafe import NAME_LIMIT, data_text, quoted
 
@@ -216,60 +217,6 @@ def pick_lang(request: web.Request, default: str) -> str:
     return "en" if default.startswith("en") else "ja"
 
 
-class RateLimiter:
-    """At most `limit` events (misses: unknown tokens, failed logins) per `window` seconds per
-    client address, and at most `global_limit` from all clients together (0 = no such limit).
-    Only events count: a client that makes none is never limited."""
-
-    def __init__(
-        self,
-        limit: int = 20,
-        window: float = 600.0,
-        max_clients: int = 10000,
-        global_limit: int = 0,
-    ) -> None:
-        self.limit = limit
-        self.window = window
-        self.max_clients = max_clients
-        self.global_limit = global_limit
-        self._hits: collections.OrderedDict[str, collections.deque[float]] = (
-            collections.OrderedDict()
-        )
-        self._all: collections.deque[float] = collections.deque()
-
-    def _expire(self, q: collections.deque[float], now: float) -> collections.deque[float]:
-        while q and q[0] <= now - self.window:
-            q.popleft()
-        return q
-
-    def _trim(self, ip: str, now: float) -> collections.deque[float]:
-        q = self._expire(self._hits.setdefault(ip, collections.deque()), now)
-        self._hits.move_to_end(ip)
-        while len(self._hits) > self.max_clients:
-            self._hits.popitem(last=False)
-        return q
-
-    def blocked(self, ip: str, now: float | None = None) -> bool:
-        """True when `ip` (or everyone together) used up the budget."""
-        t = time.monotonic() if now is None else now
-        if self.global_limit > 0 and len(self._expire(self._all, t)) >= self.global_limit:
-            return True
-        if self.limit <= 0:
-            return False
-        q = self._hits.get(ip)
-        return q is not None and len(self._trim(ip, t)) >= self.limit
-
-    def miss(self, ip: str, now: float | None = None) -> None:
-        """Count one event for `ip` (not counted past the budget: memory stays bounded)."""
-        t = time.monotonic() if now is None else now
-        if self.global_limit > 0 and len(self._expire(self._all, t)) < self.global_limit:
-            self._all.append(t)
-        if self.limit > 0:
-            q = self._trim(ip, t)
-            if len(q) < self.limit:
-                q.append(t)
-
-
 class ClientAddress:
     """The client's address: the TCP peer, or the address a trusted proxy reports for it."""
 
@@ -318,7 +265,7 @@ class _Web:
         secret: bytes,
         admin_token: str,
         lang_default: str,
-        limiter: RateLimiter,
+        misses: Budget,
         upstream_check: Callable[[], Awaitable[bool]] | None,
         on_change: Callable[[], None] | None,
         min_dwell: float,
@@ -326,18 +273,19 @@ class _Web:
         public_url: str,
         metrics: Metrics | None = None,
         client_address: ClientAddress | None = None,
-        login_limiter: RateLimiter | None = None,
+        logins: Budget | None = None,
     ) -> None:
         self.store = store
         self.client_ip = client_address or ClientAddress()
-        self.login_limiter = login_limiter or RateLimiter(10, 600.0, global_limit=100)
+        # Both budgets are counted in the store: every process and node on it shares them.
+        self.logins = logins or Budget("login", 10, 600.0, global_limit=100)
         u = yarl.URL(public_url) if public_url else None
         self.origins = (f"{u.scheme}://{u.raw_authority}",) if u and u.scheme else ()
         self.service = service
         self.secret = secret
         self.admin_token = admin_token
         self.lang_default = lang_default
-        self.limiter = limiter
+        self.misses = misses
         self.upstream_check = upstream_check
         self.on_change = on_change
         self.min_dwell = min_dwell
@@ -391,16 +339,16 @@ class _Web:
         state = T[f"state.{held.state.value}"][lang] if held else ""
         resp = self.render("gone.html.j2", lang, status, reason=reason, state=state)
         if reason == "limited":
-            resp.headers["Retry-After"] = str(int(self.limiter.window))
+            resp.headers["Retry-After"] = str(int(self.misses.window))
         return resp
 
     # -- confirm pages -------------------------------------------------------------------------
 
-    def unknown(self, lang: str, ip: str) -> web.Response:
-        """An unknown token: 404 and one miss counted, or 429 once the budget is used up."""
-        if self.limiter.blocked(ip):
+    async def unknown(self, lang: str, ip: str) -> web.Response:
+        """An unknown token: 404 and one miss counted (in the store, for every node), or 429
+        once the client's or everyone's budget is used up."""
+        if await self.store.rate_hit(self.misses, ip):
             return self.gone(lang, "limited")
-        self.limiter.miss(ip)
         return self.gone(lang, "unknown")
 
     async def page(self, request: web.Request) -> web.StreamResponse:
@@ -411,7 +359,7 @@ class _Web:
             view = await self.service.page(token)
         except TokenError as e:
             if e.reason == "unknown":
-                return self.unknown(lang, ip)
+                return await self.unknown(lang, ip)
             return self.gone(lang, e.reason, e.held)
         held = view.held
         if view.token.role == "approver":
@@ -499,7 +447,7 @@ class _Web:
             )
         except TokenError as e:
             if e.reason == "unknown":
-                resp = self.unknown(lang, ip)
+                resp = await self.unknown(lang, ip)
                 self._count("rate_limited" if resp.status == 429 else "invalid")
                 return resp
             self._count(_token_outcome(e))
@@ -517,22 +465,38 @@ class _Web:
 
     # -- admin API -----------------------------------------------------------------------------
 
-    def _auth(self, request: web.Request) -> web.Response | None:
+    # The login budget lives in the store. With the store unreachable the throttle fails open
+    # (logged): /metrics behind the admin token must keep answering during a database outage,
+    # and the token (≥ 32 characters) is not guessable within an outage anyway.
+    async def _login_throttled(self, ip: str) -> bool:
+        try:
+            return await self.store.rate_blocked(self.logins, ip)
+        except StoreError as e:
+            log.warning("admin API: login throttle unavailable (store): %s", e)
+            return False
+
+    async def _login_failed(self, ip: str) -> None:
+        try:
+            await self.store.rate_hit(self.logins, ip)
+        except StoreError as e:
+            log.warning("admin API: failed login from %s not counted (store): %s", ip, e)
+
+    async def _auth(self, request: web.Request) -> web.Response | None:
         if not self.admin_token:
             return web.json_response(
                 {"error": "admin API disabled (no web.admin_token)"}, status=403
             )
         ip = self.client_ip(request)
-        if self.login_limiter.blocked(ip):  # refused before the token is even compared
+        if await self._login_throttled(ip):  # refused before the token is even compared
             return web.json_response(
                 {"error": "too many failed logins, try later"},
                 status=429,
-                headers={"Retry-After": str(int(self.login_limiter.window))},
+                headers={"Retry-After": str(int(self.logins.window))},
             )
         got = request.headers.get("Authorization", "")
         want = f"Bearer {self.admin_token}"
         if not hmac.compare_digest(got.encode(), want.encode()):
-            self.login_limiter.miss(ip)
+            await self._login_failed(ip)
             log.warning("admin API: failed login from %s", ip)
             return web.json_response(
                 {"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": "Bearer"}
@@ -540,7 +504,7 @@ class _Web:
         return None
 
     async def api_list(self, request: web.Request) -> web.StreamResponse:
-        if (denied := self._auth(request)) is not None:
+        if (denied := await self._auth(request)) is not None:
             return denied
         q = request.query
         try:
@@ -549,17 +513,17 @@ class _Web:
             limit = int(q.get("limit", "50"))
         except ValueError as e:
             return web.json_response({"error": str(e)}, status=400)
+        sender = q.get("sender") or None
         page = await self.store.list_messages(
-            state=state,
-            sender=q.get("sender") or None,
-            since=since,
-            before=q.get("before") or None,
-            limit=limit,
+            state=state, sender=sender, since=since, before=q.get("before") or None, limit=limit
         )
-        return web.json_response({"items": [h.to_json() for h in page.items], "next": page.next})
+        total = await self.store.count(state, sender=sender, since=since)  # the same filters
+        return web.json_response(
+            {"items": [h.to_json() for h in page.items], "next": page.next, "total": total}
+        )
 
     async def api_show(self, request: web.Request) -> web.StreamResponse:
-        if (denied := self._auth(request)) is not None:
+        if (denied := await self._auth(request)) is not None:
             return denied
         msg_id = request.match_info["id"]
         held = await self.store.get(msg_id)
@@ -588,7 +552,7 @@ class _Web:
         )
 
     async def api_move(self, request: web.Request) -> web.StreamResponse:
-        if (denied := self._auth(request)) is not None:
+        if (denied := await self._auth(request)) is not None:
             return denied
         msg_id, verb = request.match_info["id"], request.match_info["verb"]
         why = ""
@@ -646,12 +610,12 @@ def _token_outcome(e: TokenError) -> str:
 
 
 def _metrics_route(
-    metrics: Metrics, auth: Callable[[web.Request], web.Response | None] | None = None
+    metrics: Metrics, auth: Callable[[web.Request], Awaitable[web.Response | None]] | None = None
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
     """GET /metrics; with `auth` (the admin API's Bearer check) only for the admin token."""
 
     async def render(request: web.Request) -> web.Response:
-        if auth is not None and (denied := auth(request)) is not None:
+        if auth is not None and (denied := await auth(request)) is not None:
             return denied
         body, ctype = metrics.render()
         return web.Response(body=body, headers={"Content-Type": ctype})
@@ -743,7 +707,7 @@ def make_app(
         key or secrets.token_bytes(32),
         admin_token,
         lang_default,
-        RateLimiter(*rate_limit, global_limit=global_miss_limit),
+        Budget("token", rate_limit[0], rate_limit[1], global_limit=global_miss_limit),
         upstream_check,
         on_change,
         min_dwell,
@@ -751,7 +715,7 @@ def make_app(
         public_url,
         metrics,
         ClientAddress(trusted_proxies, client_ip_header),
-        RateLimiter(login_limit[0], login_limit[2], global_limit=login_limit[1]),
+        Budget("login", login_limit[0], login_limit[2], global_limit=login_limit[1]),
     )
     app = web.Application(middlewares=[security_headers], client_max_size=64 * 1024)
     app[WEB_KEY] = w
