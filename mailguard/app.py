@@ -241,6 +241,7 @@ class Service:
                 public_url=public_url(cfg),
                 lang_default=cfg.notify.lang,
                 upstream_check=self.upstream.probe,
+                history_check=self._history_ok,
                 on_change=self.scheduler.wake,
                 min_dwell=cfg.web.min_dwell,
                 metrics=self.metrics,
@@ -263,6 +264,11 @@ class Service:
             self._metrics_web = await start_web(make_metrics_app(self.metrics), *cfg.metrics.listen)
             log.info("metrics on %s:%d/metrics", *cfg.metrics.listen)
 
+    def _history_ok(self) -> bool | None:
+        """For /healthz: the delivery history answered its last read and write (None: none)."""
+        h = self.lookups.history if self.lookups is not None else None
+        return h.available if h is not None else None
+
     @property
     def port(self) -> int:
         assert self.front is not None
@@ -281,6 +287,10 @@ class Service:
     async def refresh_queue_gauges(self) -> None:
         """Messages per state and the oldest held message's age, for /metrics and the alerts."""
         assert self.metrics is not None and self.store is not None
+        up = await self.store.ping()
+        self.metrics.store_up.set(1 if up else 0)
+        if not up:
+            return  # the counts keep their last values; mailguard_store_up says why
         counts = await self.store.counts()  # one query: a message moving is counted once
         oldest = await self.store.oldest_held()
         age = (datetime.now(UTC) - oldest).total_seconds() if oldest is not None else None

@@ -449,6 +449,8 @@ class PostgresStore:
                 await self.renew_leases()
             except StoreError as e:
                 log.warning("cannot renew delivery leases: %s", e)
+            except Exception:  # anything else a driver raises: the heartbeat must not die
+                log.exception("cannot renew delivery leases")
 
     async def renew_leases(self, now: datetime | None = None) -> int:
         """Extend the leases this process holds (deliveries and notices in flight)."""

@@ -1,0 +1,173 @@
+"""PostgreSQL down under a running `mailguard serve --store postgresql://…` (issue 14, item 4).
+
+A private cluster of its own (it is stopped with `pg_ctl stop -m fast` and started again on the
+same port mid-test, so it is not the session's shared one). Everything is seen from outside:
+SMTP answers (smtplib), what the receiving sink got, `/healthz`, `/metrics`, and the tables.
+
+* while the database is down, mail the policy keeps gets 451 — never 250 without a commit;
+* mail the policy passes is relayed and gets 250; the delivery-history lookup degrades to the
+  finding `domain.history_unavailable` (this policy passes it) instead of a 451;
+* `/healthz` answers 503 with store/history false; `mailguard_store_up` is 0;
+* after `pg_ctl start`, with no restart of mailguard: keeps get 250 again within seconds, a hold
+  that ran out during the outage is delivered, the history learned during the outage is in the
+  table (the next mail to that domain is "known"), `/healthz` is 200, nothing half-stored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from e2e_support import Guard, policy, wait_for
+from pg_support import PgCluster, require_pg
+
+RULES = """
+[[rule]]
+name = "first-time"
+when = "domain.first_time and recipient.external < 2"
+action = "confirm"
+
+[[rule]]
+name = "history-down"
+when = "domain.history_unavailable"
+action = "pass"
+
+[[rule]]
+name = "two-external"
+when = "recipient.external >= 2"
+action = "hold"
+hold_for = "4s"
+"""
+
+
+@pytest.fixture
+def cluster() -> Iterator[PgCluster]:
+    """A cluster this test may stop and start; stopped and removed however the test ends."""
+    c = PgCluster(require_pg()).start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def healthz(g: Guard) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(g.url("/healthz"), timeout=15) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def table(cluster: PgCluster, db: str, sql: str) -> str:
+    return cluster.psql(db, sql)
+
+
+def test_database_down_keeps_451_passes_flow_and_all_recovers(
+    tmp_path: Path, cluster: PgCluster
+) -> None:
+    url = cluster.new_database()
+    db = url.rsplit("/", 1)[1]
+    extra = {"store": {"url": url, "lease": "3s"}}
+    with Guard(tmp_path / "g", policy_text=policy(RULES), config_extra=extra) as g:
+        # Up: a hold taken before the outage, due while the database is down.
+        held = g.send(to=["A <a@partner-one.example>", "B <b@partner-two.example>"], subject="A")
+        assert held.held_id, held.text
+        status, body = healthz(g)
+        assert status == 200 and body["store"] is True, body
+
+        cluster.server_stop("fast")
+        t_down = time.monotonic()
+
+        # Kept mail: 451, never 250.
+        kept = g.send(to=["C <c@partner-one.example>", "D <d@partner-two.example>"], subject="B")
+        assert kept.code == 451, (kept.code, kept.text)
+        assert kept.text.startswith("4."), kept.text
+
+        # Passed mail flows: internal …
+        internal = g.send(to=["Sato <sato@ourco.co.jp>"], subject="C internal")
+        assert internal.code == 250, (internal.code, internal.text)
+        g.wait_mail(internal)
+        # … and external to a domain never seen: the history cannot say "first time", the
+        # policy names the degraded lookup and passes it.
+        new = g.send(to=["N <n@brand-new.example>"], subject="D new domain")
+        assert new.code == 250, (new.code, new.text)
+        g.wait_mail(new)
+        rec = g.decision_record(new)
+        assert "domain.history_unavailable" in rec["findings"], rec
+        assert "history-down" in rec["rules"], rec
+        assert "domain.first_time" not in rec["findings"], rec
+
+        # /healthz says so, and the metric ops alert on.
+        status, body = healthz(g)
+        assert status == 503, body
+        assert body["store"] is False and body["history"] is False and body["ok"] is False, body
+        assert g.metric("mailguard_store_up") == 0
+
+        # Stay down past the hold's end (4 s) and past a lease (3 s): the scheduler must live.
+        time.sleep(max(0.0, 6.0 - (time.monotonic() - t_down)))
+        assert g.proc is not None and g.proc.poll() is None, g.log_text()[-3000:]
+        assert not g.mail_with(held.message_id), "delivered while its state could not be stored"
+
+        cluster.server_start()
+        t_up = time.monotonic()
+
+        # Keeps get 250 again within a few seconds, with no restart.
+        def kept_again() -> Any:
+            s = g.send(to=["E <e@partner-one.example>", "F <f@partner-two.example>"], subject="E")
+            return s if s.code == 250 else None
+
+        again = wait_for(kept_again, 10, interval=0.5, what="250 for a kept message after start")
+        assert again.held_id, again.text
+        assert time.monotonic() - t_up < 10
+
+        # The hold that ran out during the outage is delivered by the scheduler.
+        g.wait_mail(held, timeout=15)
+
+        # /healthz back to 200 by itself.
+        def healthy() -> Any:
+            st, b = healthz(g)
+            return b if st == 200 else None
+
+        body = wait_for(healthy, 10, interval=0.5, what="/healthz 200 after the database is back")
+        assert body["store"] is True and body["history"] is True, body
+        wait_for(lambda: g.metric("mailguard_store_up") == 1, 20, what="mailguard_store_up 1")
+
+        # The deliveries learned during the outage reached the shared history …
+        wait_for(
+            lambda: table(
+                cluster, db, "SELECT count FROM domain_history WHERE domain = 'brand-new.example'"
+            )
+            == "1",
+            10,
+            what="the outage's history delta written after recovery",
+        )
+        # … so the same domain is known now: no first-time confirm, relayed at once.
+        known = g.send(to=["N <n2@brand-new.example>"], subject="G known now")
+        assert known.code == 250 and not known.held_id, known.text
+        g.wait_mail(known)
+        assert "domain.first_time" not in g.decision_record(known)["findings"]
+
+        # Nothing half-stored: the 451'd message left no row; every row has its bytes/audit.
+        rows = table(cluster, db, "SELECT id FROM held ORDER BY id").split()
+        assert sorted(rows) == sorted([held.held_id, again.held_id]), rows
+        assert table(cluster, db, "SELECT count(*) FROM raw WHERE id NOT IN (SELECT id FROM held)") == "0"
+        assert table(
+            cluster,
+            db,
+            "SELECT count(*) FROM held h WHERE state NOT IN ('delivered','cancelled','expired',"
+            "'failed') AND NOT EXISTS (SELECT 1 FROM raw r WHERE r.id = h.id)",
+        ) == "0"
+        assert table(cluster, db, "SELECT count(*) FROM audit WHERE msg_id NOT IN (SELECT id FROM held)") == "0"
+        wait_for(
+            lambda: table(cluster, db, f"SELECT state FROM held WHERE id = '{held.held_id}'")
+            == "delivered",
+            10,
+            what="the recovered hold recorded delivered",
+        )
+        assert g.proc is not None and g.proc.poll() is None
