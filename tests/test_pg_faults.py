@@ -16,6 +16,7 @@ SMTP answers (smtplib), what the receiving sink got, `/healthz`, `/metrics`, and
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -171,3 +172,47 @@ def test_database_down_keeps_451_passes_flow_and_all_recovers(
             what="the recovered hold recorded delivered",
         )
         assert g.proc is not None and g.proc.poll() is None
+
+
+def test_delivery_in_flight_when_the_database_goes_down(tmp_path: Path, cluster: PgCluster) -> None:
+    """The upstream accepts a released message while the database is down: the "delivered"
+    commit waits for the database (lease renewed again once it is back) instead of being
+    dropped — delivered once, recorded delivered, nothing stuck in "delivering"."""
+    url = cluster.new_database()
+    db = url.rsplit("/", 1)[1]
+    arrived = threading.Event()
+    database_down = threading.Event()
+
+    def slow_upstream(data: bytes) -> None:
+        if b"Subject: in flight" in data:
+            arrived.set()
+            database_down.wait(20)  # answer only once the database is gone
+            time.sleep(0.5)
+        return None
+
+    rules = RULES.replace('hold_for = "4s"', 'hold_for = "1s"')
+    extra = {"store": {"url": url, "lease": "3s"}}
+    with Guard(
+        tmp_path / "g", policy_text=policy(rules), config_extra=extra, refuse=slow_upstream
+    ) as g:
+        sent = g.send(
+            to=["A <a@partner-one.example>", "B <b@partner-two.example>"], subject="in flight"
+        )
+        assert sent.held_id, sent.text
+        assert arrived.wait(15), "the scheduler never delivered"
+        cluster.server_stop("fast")
+        database_down.set()
+        time.sleep(5)  # longer than the lease (3 s)
+        assert g.proc is not None and g.proc.poll() is None, g.log_text()[-3000:]
+        cluster.server_start()
+
+        state = f"SELECT state FROM held WHERE id = '{sent.held_id}'"
+        wait_for(
+            lambda: table(cluster, db, state) == "delivered",
+            15,
+            what="the delivery recorded after the database came back",
+        )
+        time.sleep(2)  # a second delivery would come from a re-claim after the lease
+        copies = [m for m in g.mails() if sent.message_id in m.header("Message-ID")]
+        assert len(copies) == 1, f"delivered {len(copies)} times"
+        assert table(cluster, db, "SELECT count(*) FROM held WHERE state = 'delivering'") == "0"
