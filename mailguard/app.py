@@ -161,12 +161,15 @@ class Service:
             from mailguard.history_pg import PgHistory
 
             # A database that is down at start: mail to be kept gets 451 until it is back.
-            await self.store.open_or_retry()
+            opened = await self.store.open_or_retry()
             history = PgHistory(self.store)
         else:
             cfg.store.path.parent.mkdir(parents=True, exist_ok=True)
             history = DomainHistory(cfg.store.path)
             await self.store.open()
+            opened = True
+        if m is not None:
+            m.store_up.set(1 if opened else 0)
         self.lookups = Lookups(HistoryCache(history), make_resolver(cfg, m))
         self.upstream = Upstream(make_transport(cfg, m))
         self.queue = HoldService(

@@ -38,7 +38,7 @@ log = logging.getLogger("mailguard.lookups")
 
 HISTORY_RETRY = 2.0  # seconds: after a failed read, answer "unavailable" without asking
 RETRY_MAX = 5.0  # seconds: the longest wait between two retries of the store
-MAX_BACKLOG_DOMAINS = 100_000  # learned deltas kept while the store is down (≈ 20 MB at most)
+MAX_BACKLOG_DOMAINS = 20_000  # distinct domains whose learned deltas wait for the store
 
 
 def lookup_domains(view: MessageView) -> list[str]:

@@ -15,6 +15,7 @@ SMTP answers (smtplib), what the receiving sink got, `/healthz`, `/metrics`, and
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -141,10 +142,14 @@ def test_database_down_keeps_451_passes_flow_and_all_recovers(
 
         # The deliveries learned during the outage reached the shared history …
         wait_for(
-            lambda: table(
-                cluster, db, "SELECT count FROM domain_history WHERE domain = 'brand-new.example'"
-            )
-            == "1",
+            lambda: (
+                table(
+                    cluster,
+                    db,
+                    "SELECT count FROM domain_history WHERE domain = 'brand-new.example'",
+                )
+                == "1"
+            ),
             10,
             what="the outage's history delta written after recovery",
         )
@@ -157,17 +162,30 @@ def test_database_down_keeps_451_passes_flow_and_all_recovers(
         # Nothing half-stored: the 451'd message left no row; every row has its bytes/audit.
         rows = table(cluster, db, "SELECT id FROM held ORDER BY id").split()
         assert sorted(rows) == sorted([held.held_id, again.held_id]), rows
-        assert table(cluster, db, "SELECT count(*) FROM raw WHERE id NOT IN (SELECT id FROM held)") == "0"
-        assert table(
-            cluster,
-            db,
-            "SELECT count(*) FROM held h WHERE state NOT IN ('delivered','cancelled','expired',"
-            "'failed') AND NOT EXISTS (SELECT 1 FROM raw r WHERE r.id = h.id)",
-        ) == "0"
-        assert table(cluster, db, "SELECT count(*) FROM audit WHERE msg_id NOT IN (SELECT id FROM held)") == "0"
+        assert (
+            table(cluster, db, "SELECT count(*) FROM raw WHERE id NOT IN (SELECT id FROM held)")
+            == "0"
+        )
+        assert (
+            table(
+                cluster,
+                db,
+                "SELECT count(*) FROM held h WHERE state NOT IN ('delivered','cancelled','expired',"
+                "'failed') AND NOT EXISTS (SELECT 1 FROM raw r WHERE r.id = h.id)",
+            )
+            == "0"
+        )
+        assert (
+            table(
+                cluster, db, "SELECT count(*) FROM audit WHERE msg_id NOT IN (SELECT id FROM held)"
+            )
+            == "0"
+        )
         wait_for(
-            lambda: table(cluster, db, f"SELECT state FROM held WHERE id = '{held.held_id}'")
-            == "delivered",
+            lambda: (
+                table(cluster, db, f"SELECT state FROM held WHERE id = '{held.held_id}'")
+                == "delivered"
+            ),
             10,
             what="the recovered hold recorded delivered",
         )
@@ -216,3 +234,40 @@ def test_delivery_in_flight_when_the_database_goes_down(tmp_path: Path, cluster:
         copies = [m for m in g.mails() if sent.message_id in m.header("Message-ID")]
         assert len(copies) == 1, f"delivered {len(copies)} times"
         assert table(cluster, db, "SELECT count(*) FROM held WHERE state = 'delivering'") == "0"
+
+
+@pytest.mark.asyncio
+async def test_history_backlog_is_bounded_and_written_after_recovery(cluster: PgCluster) -> None:
+    """Deliveries learned while the database is down: kept per domain (at most
+    MAX_BACKLOG_DOMAINS, the rest dropped and counted), written once it is back."""
+    from mailguard.history_pg import PgHistory
+    from mailguard.lookups import MAX_BACKLOG_DOMAINS, HistoryCache
+    from mailguard.queue.postgres import PostgresStore
+
+    url = cluster.new_database()
+    db = url.rsplit("/", 1)[1]
+    async with PostgresStore(url, timeout=2.0) as store:
+        cache = HistoryCache(PgHistory(store), flush_every=0.05)
+        try:
+            cluster.server_stop("fast")
+            assert await cache.try_snapshot(["x.example"]) is None  # degraded, no exception
+            assert not cache.available
+            for _ in range(3):  # one domain, three deliveries: one backlog entry
+                cache.learn(["often.example"])
+            cache.learn(f"d{i}.example" for i in range(MAX_BACKLOG_DOMAINS + 10))
+            await asyncio.sleep(0.3)
+            await cache.flush()  # still down: folded into the backlog
+            assert cache.backlog == MAX_BACKLOG_DOMAINS
+            assert cache.dropped == 11  # the often.example entry took one slot
+            cluster.server_start()
+            for _ in range(75):  # the background retry writes it within its back-off (≤ 5 s)
+                if cache.available and not cache.backlog:
+                    break
+                await asyncio.sleep(0.2)
+            assert cache.available and cache.backlog == 0
+        finally:
+            await cache.close()
+    assert (
+        cluster.psql(db, "SELECT count FROM domain_history WHERE domain = 'often.example'") == "3"
+    )
+    assert int(cluster.psql(db, "SELECT count(*) FROM domain_history")) == MAX_BACKLOG_DOMAINS
