@@ -355,10 +355,10 @@ class Service:
             await self._metrics_web.cleanup()
         if self.upstream is not None:
             await self.upstream.close()
+        if self.lookups is not None:  # first: its last flush may write through the store
+            await self.lookups.close()
         if self.store is not None:
             await self.store.close()
-        if self.lookups is not None:
-            await self.lookups.close()
 
     async def run(self, *, grace: float = 30.0) -> int:
         """Start and serve until SIGTERM/SIGINT; SIGHUP reloads. Returns the exit code."""

@@ -148,15 +148,14 @@ class HistoryCache:
             await asyncio.sleep(wait)
             wait = min(wait * 2, RETRY_MAX)
             try:
-                if self._backlog or self._pending:
-                    await self.flush()
-                    if not self._write_ok:
-                        continue
                 await self.history.acounts(("invalid",))  # a cheap read: the store answers
             except Exception:
                 continue
-            if not self._read_ok:
-                self._read_ok = True
+            self._read_ok = True
+            if self._backlog or self._pending:
+                await self.flush()  # sets _write_ok (and on failure schedules nothing new)
+            else:
+                self._write_ok = True  # nothing left to write
             if self.available:
                 log.warning("history: store available again")
 

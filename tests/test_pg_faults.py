@@ -190,6 +190,11 @@ def test_database_down_keeps_451_passes_flow_and_all_recovers(
             what="the recovered hold recorded delivered",
         )
         assert g.proc is not None and g.proc.poll() is None
+    # A clean stop writes what was learned last (G's delivery) before it closes the store.
+    assert (
+        table(cluster, db, "SELECT count FROM domain_history WHERE domain = 'brand-new.example'")
+        == "2"
+    )
 
 
 def test_delivery_in_flight_when_the_database_goes_down(tmp_path: Path, cluster: PgCluster) -> None:
