@@ -28,8 +28,10 @@ class PgHistory:
         *,
         frequent_min: int = FREQUENT_MIN,
         frequent_refresh: float = 300.0,
+        timeout: float = 2.0,  # per read: a database that does not answer degrades it soon
     ) -> None:
         self.store = store
+        self.timeout = timeout
         self.frequent_min = frequent_min
         self._frequent_refresh = frequent_refresh
         self._frequent: frozenset[str] | None = None
@@ -43,7 +45,9 @@ class PgHistory:
             return out
         async with self.store._conn() as c:
             rows = await c.fetch(
-                "SELECT domain, count FROM domain_history WHERE domain = ANY($1::text[])", keys
+                "SELECT domain, count FROM domain_history WHERE domain = ANY($1::text[])",
+                keys,
+                timeout=self.timeout,
             )
         for r in rows:
             out[r["domain"]] = int(r["count"])
@@ -51,7 +55,11 @@ class PgHistory:
 
     async def known(self, min_count: int = 1) -> set[str]:
         async with self.store._conn() as c:
-            rows = await c.fetch("SELECT domain FROM domain_history WHERE count >= $1", min_count)
+            rows = await c.fetch(
+                "SELECT domain FROM domain_history WHERE count >= $1",
+                min_count,
+                timeout=self.timeout * 5,  # the whole frequent set: a bigger read
+            )
         return {r["domain"] for r in rows}
 
     async def rows(self, min_count: int = 1) -> list[tuple[str, int, str, str]]:

@@ -7,8 +7,9 @@ just taught is seen by the very next message (a zero is always read from the sto
 The history store may be down (a shared PostgreSQL store restarting, say). Mail must not stop
 for that: a read that fails makes the lookup *unavailable* (`Context.history_unavailable`, the
 finding `domain.history_unavailable`, which the policy names like any other) instead of an
-error, and for `HISTORY_RETRY` seconds after a failure the store is not asked again (a database
-that does not answer would cost every message a timeout). Counts learned meanwhile are kept as
+error. After a failure messages do not ask the store again (a database that does not answer
+would cost every message a timeout) until a background retry (every 1–5 s) finds it answering,
+or `HISTORY_RETRY` seconds have passed. Counts learned meanwhile are kept as
 per-domain deltas (at most `MAX_BACKLOG_DOMAINS` domains; beyond that new domains are dropped
 and logged) and written when the store answers again; a background retry finds out by itself.
 """
@@ -36,7 +37,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mailguard.lookups")
 
-HISTORY_RETRY = 2.0  # seconds: after a failed read, answer "unavailable" without asking
+HISTORY_RETRY = 30.0  # seconds: after a failed read, "unavailable" without asking (unless the
+# background retry, every 1–5 s, finds the store answering sooner)
 RETRY_MAX = 5.0  # seconds: the longest wait between two retries of the store
 MAX_BACKLOG_DOMAINS = 20_000  # distinct domains whose learned deltas wait for the store
 

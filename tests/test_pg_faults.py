@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
 import threading
 import time
 import urllib.error
@@ -64,6 +67,13 @@ def healthz(g: Guard) -> tuple[int, dict[str, Any]]:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def server_pids(cluster: PgCluster) -> list[int]:
+    """The postmaster and its children (each in a session of its own: no process group)."""
+    pm = int((cluster.data / "postmaster.pid").read_text().split()[0])
+    kids = subprocess.run(["pgrep", "-P", str(pm)], capture_output=True, text=True).stdout
+    return [pm, *(int(x) for x in kids.split())]
 
 
 def table(cluster: PgCluster, db: str, sql: str) -> str:
@@ -276,3 +286,71 @@ async def test_history_backlog_is_bounded_and_written_after_recovery(cluster: Pg
         cluster.psql(db, "SELECT count FROM domain_history WHERE domain = 'often.example'") == "3"
     )
     assert int(cluster.psql(db, "SELECT count(*) FROM domain_history")) == MAX_BACKLOG_DOMAINS
+
+
+def test_database_down_at_start(tmp_path: Path, cluster: PgCluster) -> None:
+    """`mailguard serve` started while the database is down: it listens; kept mail gets 451,
+    passed mail flows (history unavailable); once the database starts, the guard connects and
+    migrates by itself and kept mail gets 250."""
+    url = cluster.new_database()
+    cluster.server_stop("fast")
+    extra = {"store": {"url": url, "lease": "3s"}}
+    with Guard(tmp_path / "g", policy_text=policy(RULES), config_extra=extra) as g:
+        kept = g.send(to=["A <a@partner-one.example>", "B <b@partner-two.example>"], subject="K")
+        assert kept.code == 451, (kept.code, kept.text)
+        passed = g.send(to=["N <n@brand-new.example>"], subject="P")
+        assert passed.code == 250, (passed.code, passed.text)
+        g.wait_mail(passed)
+        assert "domain.history_unavailable" in g.decision_record(passed)["findings"]
+        status, body = healthz(g)
+        assert status == 503 and body["store"] is False, body
+
+        cluster.server_start()
+
+        def kept_now() -> Any:
+            s = g.send(to=["A <a@partner-one.example>", "B <b@partner-two.example>"], subject="K2")
+            return s if s.code == 250 else None
+
+        again = wait_for(kept_now, 15, interval=0.5, what="250 once the database is up")
+        assert again.held_id, again.text
+        g.wait_mail(again, timeout=15)  # hold_for 4 s, then the scheduler delivers it
+        wait_for(lambda: healthz(g)[0] == 200, 10, interval=0.5, what="/healthz 200")
+
+
+def test_database_hung(tmp_path: Path, cluster: PgCluster) -> None:
+    """The database stops answering without closing anything (every server process stopped
+    with SIGSTOP: connections open, no reply): kept mail gets 451 within the store's timeouts,
+    passed mail still flows, and both recover after SIGCONT."""
+    url = cluster.new_database()
+    extra = {"store": {"url": url, "lease": "3s"}}
+    with Guard(tmp_path / "g", policy_text=policy(RULES), config_extra=extra) as g:
+        warm = g.send(to=["N <n@warm.example>"], subject="warm")  # first-time: confirm, kept
+        assert warm.held_id, warm.text
+        pids = server_pids(cluster)
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            kept = g.send(
+                to=["A <a@partner-one.example>", "B <b@partner-two.example>"], subject="K"
+            )
+            kept_s = time.monotonic() - t0
+            assert kept.code == 451, (kept.code, kept.text)
+            t0 = time.monotonic()
+            passed = g.send(to=["Sato <sato@ourco.co.jp>"], subject="P")
+            passed_s = time.monotonic() - t0
+            assert passed.code == 250, (passed.code, passed.text)
+            g.wait_mail(passed)
+            print(f"hung database: 451 after {kept_s:.1f}s, pass 250 after {passed_s:.1f}s")
+            # history read 2 s + the store's command timeout 10 s; then passes flow at once
+            assert kept_s < 18 and passed_s < 5, (kept_s, passed_s)
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+
+        def kept_now() -> Any:
+            s = g.send(to=["A <a@partner-one.example>", "B <b@partner-two.example>"], subject="K2")
+            return s if s.code == 250 else None
+
+        again = wait_for(kept_now, 20, interval=0.5, what="250 after SIGCONT")
+        assert again.held_id, again.text
