@@ -205,6 +205,10 @@ class HistoryCache:
 
     async def _flush_later(self) -> None:
         await asyncio.sleep(self.flush_every)
+        if not self._write_ok:  # the store is down: into the backlog; the retry loop writes it
+            batch, self._pending = self._pending, []
+            self._keep(batch)
+            return
         await self.flush()
 
     async def flush(self) -> None:

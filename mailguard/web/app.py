@@ -734,7 +734,8 @@ def make_app(
     admin-API logins. `trusted_proxies` (CIDRs) are the peers whose `client_ip_header` names
     the client. `metrics_access`: "open" (GET /metrics for anyone who reaches the port),
     "token" (only with the admin Bearer token) or "off" (not on this app; see
-    `make_metrics_app`)."""
+    `make_metrics_app`). `history_check` tells /healthz whether the delivery history answers
+    (its `history` field; None = not checked)."""
     if metrics_access not in METRICS_ACCESS:
         raise ValueError(f"metrics_access {metrics_access!r} (expected open, token or off)")
     from zoneinfo import ZoneInfo
