@@ -28,7 +28,7 @@ class PgHistory:
         *,
         frequent_min: int = FREQUENT_MIN,
         frequent_refresh: float = 300.0,
-        timeout: float = 2.0,  # per read: a database that does not answer degrades it soon
+        timeout: float = 2.0,  # per lookup: a database that does not answer degrades it soon
     ) -> None:
         self.store = store
         self.timeout = timeout
@@ -38,6 +38,9 @@ class PgHistory:
         self._frequent_at = 0.0
 
     async def acounts(self, domains: Iterable[str]) -> dict[str, int]:
+        return await self.store.within(self._acounts(domains), self.timeout)
+
+    async def _acounts(self, domains: Iterable[str]) -> dict[str, int]:
         want = list(dict.fromkeys(d for d in domains if d))
         keys = list(dict.fromkeys([*want, *(registrable(d) for d in want)]))
         out = dict.fromkeys(keys, 0)
@@ -47,18 +50,19 @@ class PgHistory:
             rows = await c.fetch(
                 "SELECT domain, count FROM domain_history WHERE domain = ANY($1::text[])",
                 keys,
-                timeout=self.timeout,
             )
         for r in rows:
             out[r["domain"]] = int(r["count"])
         return out
 
     async def known(self, min_count: int = 1) -> set[str]:
+        return await self.store.within(self._known(min_count), self.timeout * 5)
+
+    async def _known(self, min_count: int) -> set[str]:
         async with self.store._conn() as c:
             rows = await c.fetch(
                 "SELECT domain FROM domain_history WHERE count >= $1",
                 min_count,
-                timeout=self.timeout * 5,  # the whole frequent set: a bigger read
             )
         return {r["domain"] for r in rows}
 

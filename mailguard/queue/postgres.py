@@ -376,13 +376,34 @@ class PostgresStore:
         except _ERRORS as e:
             raise StoreError(f"{self.path}: {type(e).__name__}: {e}") from e
 
-    async def _tx(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
-        async with self._conn() as c, c.transaction():
-            return await fn(c)
+    async def _tx(self, fn: Callable[[Conn], Awaitable[T]], deadline: float | None = None) -> T:
+        async def run() -> T:
+            async with self._conn() as c, c.transaction():
+                return await fn(c)
 
-    async def _read(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
-        async with self._conn() as c:
-            return await fn(c)
+        return await self._within(run(), deadline)
+
+    async def _read(self, fn: Callable[[Conn], Awaitable[T]], deadline: float | None = None) -> T:
+        async def run() -> T:
+            async with self._conn() as c:
+                return await fn(c)
+
+        return await self._within(run(), deadline)
+
+    async def within(self, aw: Awaitable[T], deadline: float) -> T:
+        """`aw`, or StoreError after `deadline` seconds. A database that hangs (connections
+        open, no answer) costs each call its connect or command timeout, and then up to the
+        acquire timeout again while asyncpg waits for the cancelled query; for the SMTP answer
+        (and /healthz, and the history lookup) the caller's deadline bounds the whole call."""
+        return await self._within(aw, deadline)
+
+    async def _within(self, aw: Awaitable[T], deadline: float | None) -> T:
+        if deadline is None:
+            return await aw
+        try:
+            return await asyncio.wait_for(aw, deadline)
+        except TimeoutError as e:
+            raise StoreError(f"{self.path}: no answer within {deadline:g}s") from e
 
     # -- migrations ----------------------------------------------------------------------------
 
@@ -543,7 +564,7 @@ class PostgresStore:
 
     async def ping(self) -> bool:
         try:
-            return bool(await self._read(lambda c: c.fetchval("SELECT 1")) == 1)
+            return bool(await self._read(lambda c: c.fetchval("SELECT 1"), self._timeout) == 1)
         except StoreError:
             return False
 
@@ -592,7 +613,7 @@ class PostgresStore:
             await self._insert_notices(c, notices, item.created)
             await self._audit(c, item.id, item.created, None, item.state, by, why)
 
-        await self._tx(work)
+        await self._tx(work, self._command_timeout)  # the SMTP answer waits for it
 
     async def get(self, msg_id: str) -> Held | None:
         return await self._read(lambda c: self._get(c, msg_id))
