@@ -74,9 +74,12 @@ def analyze_view(
     *,
     history: Mapping[str, int] | None = None,
     dns: Mapping[str, DnsStatus] | None = None,
+    history_unavailable: bool = False,
 ) -> Analysis:
     """Checks and policy on an already-parsed view (the server parses once per message)."""
-    ctx = CheckContext(org=policy.org, history=history, dns=dns)
+    ctx = CheckContext(
+        org=policy.org, history=history, dns=dns, history_unavailable=history_unavailable
+    )
     result = run_checks(view, ctx)
     findings = tuple(result.findings)
     return Analysis(

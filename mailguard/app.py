@@ -163,12 +163,15 @@ class Service:
             from mailguard.history_pg import PgHistory
 
             # A database that is down at start: mail to be kept gets 451 until it is back.
-            await self.store.open_or_retry()
+            opened = await self.store.open_or_retry()
             history = PgHistory(self.store)
         else:
             cfg.store.path.parent.mkdir(parents=True, exist_ok=True)
             history = DomainHistory(cfg.store.path)
             await self.store.open()
+            opened = True
+        if m is not None:
+            m.store_up.set(1 if opened else 0)
         self.lookups = Lookups(HistoryCache(history), make_resolver(cfg, m))
         self.upstream = Upstream(make_transport(cfg, m))
         self.queue = HoldService(
@@ -253,6 +256,7 @@ class Service:
                 public_url=public_url(cfg),
                 lang_default=cfg.notify.lang,
                 upstream_check=self.upstream.probe,
+                history_check=self._history_ok,
                 on_change=self.scheduler.wake,
                 min_dwell=cfg.web.min_dwell,
                 metrics=self.metrics,
@@ -275,6 +279,11 @@ class Service:
             self._metrics_web = await start_web(make_metrics_app(self.metrics), *cfg.metrics.listen)
             log.info("metrics on %s:%d/metrics", *cfg.metrics.listen)
 
+    def _history_ok(self) -> bool | None:
+        """For /healthz: the delivery history answered its last read and write (None: none)."""
+        h = self.lookups.history if self.lookups is not None else None
+        return h.available if h is not None else None
+
     @property
     def port(self) -> int:
         assert self.front is not None
@@ -293,6 +302,10 @@ class Service:
     async def refresh_queue_gauges(self) -> None:
         """Messages per state and the oldest held message's age, for /metrics and the alerts."""
         assert self.metrics is not None and self.store is not None
+        up = await self.store.ping()
+        self.metrics.store_up.set(1 if up else 0)
+        if not up:
+            return  # the counts keep their last values; mailguard_store_up says why
         counts = await self.store.counts()  # one query: a message moving is counted once
         oldest = await self.store.oldest_held()
         age = (datetime.now(UTC) - oldest).total_seconds() if oldest is not None else None
@@ -356,7 +369,7 @@ class Service:
             await self._metrics_web.cleanup()
         if self.upstream is not None:
             await self.upstream.close()
-        if self.lookups is not None:  # its last history batch may need the store (PgHistory)
+        if self.lookups is not None:  # first: its last flush may write through the store
             await self.lookups.close()
         if self.store is not None:
             await self.store.close()

@@ -28,27 +28,39 @@ class PgHistory:
         *,
         frequent_min: int = FREQUENT_MIN,
         frequent_refresh: float = 300.0,
+        timeout: float = 2.0,  # per lookup: a database that does not answer degrades it soon
     ) -> None:
         self.store = store
+        self.timeout = timeout
         self.frequent_min = frequent_min
         self._frequent = FrequentCache(frequent_refresh)
 
     async def acounts(self, domains: Iterable[str]) -> dict[str, int]:
+        return await self.store.within(self._acounts(domains), self.timeout)
+
+    async def _acounts(self, domains: Iterable[str]) -> dict[str, int]:
         keys = lookup_keys(domains)
         out = dict.fromkeys(keys, 0)
         if not keys:
             return out
         async with self.store._conn() as c:
             rows = await c.fetch(
-                "SELECT domain, count FROM domain_history WHERE domain = ANY($1::text[])", keys
+                "SELECT domain, count FROM domain_history WHERE domain = ANY($1::text[])",
+                keys,
             )
         for r in rows:
             out[r["domain"]] = int(r["count"])
         return out
 
     async def known(self, min_count: int = 1) -> set[str]:
+        return await self.store.within(self._known(min_count), self.timeout * 5)
+
+    async def _known(self, min_count: int) -> set[str]:
         async with self.store._conn() as c:
-            rows = await c.fetch("SELECT domain FROM domain_history WHERE count >= $1", min_count)
+            rows = await c.fetch(
+                "SELECT domain FROM domain_history WHERE count >= $1",
+                min_count,
+            )
         return {r["domain"] for r in rows}
 
     async def rows(self, min_count: int = 1) -> list[tuple[str, int, str, str]]:

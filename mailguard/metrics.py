@@ -69,6 +69,7 @@ FINDING_CODES: Final = (
     "domain.nonexistent",
     "domain.null_mx",
     "domain.dns_unavailable",
+    "domain.history_unavailable",
     "attachment.present",
     "attachment.unencrypted",
     "attachment.encrypted",
@@ -246,6 +247,13 @@ class Metrics:
         self.queue_oldest_held_age = Gauge(
             "mailguard_queue_oldest_held_age_seconds",
             "Age of the oldest message waiting in state held (0 when none).",
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.store_up = Gauge(
+            "mailguard_store_up",
+            "1 if the durable store answered its last probe (every 15 s, and each /healthz), "
+            "else 0.",
             registry=r,
             multiprocess_mode="mostrecent",
         )

@@ -88,7 +88,14 @@ async def analyze(view: MessageView, policy: Policy, lookups: Lookups) -> Analys
     env = view.envelope
     assert env is not None, "the pipeline analyses a message with its envelope"
     ctx = await lookups.gather(view, policy.org)
-    return analyze_view(view, env, policy, history=ctx.history, dns=ctx.dns)
+    return analyze_view(
+        view,
+        env,
+        policy,
+        history=ctx.history,
+        dns=ctx.dns,
+        history_unavailable=ctx.history_unavailable,
+    )
 
 
 class Pipeline:

@@ -10,6 +10,13 @@ scheduler owns a SQLite file) and the message is sent again: at most one duplica
 message, and only for a crash inside that window (one SQLite commit long). Leases are longer than
 any delivery can take (upstream data_timeout), so a live worker never loses its lease.
 
+The store may be unreachable for a while (a shared PostgreSQL restarting): a tick that cannot
+reach it is logged and retried with a back-off (at most `STORE_RETRY_MAX` apart), and a store
+write that records what already happened upstream (delivered, deferred, a notice sent) is retried
+until it commits, never skipped: a delivery whose outcome is not recorded keeps its lease (renewed
+when the store is back) and is recorded then; only if this process dies meanwhile does the lease
+run out and the message go again (the at-least-once bound).
+
 Upstream 4xx / connection trouble → back to released with exponential back-off (base · 2^(n-1),
 capped); 5xx, or still failing `max_age` after release → failed + RFC 3464 bounce to the sender
 — to the sender the organisation owns only: for a null sender (a bounce of a bounce, as Postfix's
@@ -24,11 +31,12 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from mailguard.envelope import Envelope, Reply
+from mailguard.errors import StoreError
 from mailguard.notify.render import Notifier
 from mailguard.queue.dsn import build_dsn, header_block
 from mailguard.queue.service import outcome_notice, route_of
@@ -46,6 +54,9 @@ if TYPE_CHECKING:
     from mailguard.metrics import Metrics
 
 log = logging.getLogger("mailguard.scheduler")
+T = TypeVar("T")
+
+STORE_RETRY_MAX = 5.0  # seconds between two attempts while the store is unreachable
 
 
 class Delivery(Protocol):
@@ -103,13 +114,21 @@ class Scheduler:
             n = await self.store.recover_leases(self.clock())
             if n:
                 log.warning("recovered %d delivery lease(s) left by a previous run", n)
+        wait = self.interval
         while not self._stop.is_set():
             try:
                 await self.tick()
+                if wait != self.interval:
+                    log.warning("scheduler: store available again")
+                wait = self.interval
+            except StoreError as e:  # the store is down: say so once, then back off quietly
+                if wait == self.interval:
+                    log.error("scheduler: store unavailable, retrying: %s", e)
+                wait = min(max(wait * 2, self.interval), max(STORE_RETRY_MAX, self.interval))
             except Exception:
                 log.exception("scheduler tick failed; retrying in %.1fs", self.interval)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval)
+                await asyncio.wait_for(self._wake.wait(), wait)
             self._wake.clear()
 
     def wake(self) -> None:
@@ -119,6 +138,28 @@ class Scheduler:
     async def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+
+    async def _until_stored(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run a store call that must not be skipped, retrying while the store is unreachable
+        (StoreError) until it commits or the scheduler stops (then the error propagates)."""
+        wait = min(0.5, STORE_RETRY_MAX)
+        logged = False
+        while True:
+            try:
+                out = await fn()
+            except StoreError as e:
+                if self._stop.is_set():
+                    raise
+                if not logged:
+                    log.error("%s: store unavailable, retrying until it answers: %s", what, e)
+                    logged = True
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), wait)
+                wait = min(wait * 2, STORE_RETRY_MAX)
+                continue
+            if logged:
+                log.warning("%s: recorded after the store came back", what)
+            return out
 
     async def tick(self, now: datetime | None = None) -> dict[str, int]:
         """One pass over everything due at `now`; returns counts for logs and tests."""
@@ -214,7 +255,7 @@ class Scheduler:
 
     async def _deliver(self, held: Held, now: datetime, stats: dict[str, int]) -> None:
         async with self._sem:
-            raw = await self.store.raw(held.id)
+            raw = await self._until_stored(held.id, lambda: self.store.raw(held.id))
             if raw is None:  # cannot happen for a non-terminal message; never mark it delivered
                 log.error("%s: bytes missing; failing it", held.id)
                 await self._fail(
@@ -237,28 +278,38 @@ class Scheduler:
                 reply = Reply(451, f"4.3.0 transport error: {type(exc).__name__}")
             last = f"{reply.code} {reply.text}"[:500]
             if reply.ok:
-                await self.store.move(
-                    held.id,
-                    State.DELIVERED,
-                    now=self.clock(),
-                    by="scheduler",
-                    why="upstream accepted",
-                    last_reply=last,
-                )
+                done = self.clock()
+                try:
+                    await self._until_stored(
+                        f"{held.id}: delivered",
+                        lambda: self.store.move(
+                            held.id,
+                            State.DELIVERED,
+                            now=done,
+                            by="scheduler",
+                            why="upstream accepted",
+                            last_reply=last,
+                        ),
+                    )
+                except TransitionError as e:  # another node took it over meanwhile (lease ran out)
+                    log.warning("%s: delivered, already recorded elsewhere: %s", held.id, e)
                 stats["delivered"] += 1
                 log.info("%s: delivered: %s", held.id, last)
                 return
             first = held.first_release or now
             if reply.code < 500 and now - first < self.max_age:
                 retry = now + self._backoff(held.attempts)
-                await self.store.move(
-                    held.id,
-                    State.RELEASED,
-                    now=now,
-                    by="scheduler",
-                    why=f"deferred: {last}",
-                    next_attempt=retry,
-                    last_reply=last,
+                await self._until_stored(
+                    f"{held.id}: deferred",
+                    lambda: self.store.move(
+                        held.id,
+                        State.RELEASED,
+                        now=now,
+                        by="scheduler",
+                        why=f"deferred: {last}",
+                        next_attempt=retry,
+                        last_reply=last,
+                    ),
                 )
                 stats["deferred"] += 1
                 log.warning(
@@ -292,14 +343,17 @@ class Scheduler:
                 "about": why,  # "" = to the sender; else why the admin gets it
             }
             notices.append(NewNotice("dsn", (to,), data, now, null_sender=True, msg_id=held.id))
-        await self.store.move(
-            held.id,
-            State.FAILED,
-            now=now,
-            by="scheduler",
-            why=f"permanent failure: {last}",
-            last_reply=last,
-            notices=notices,
+        await self._until_stored(
+            f"{held.id}: failed",
+            lambda: self.store.move(
+                held.id,
+                State.FAILED,
+                now=now,
+                by="scheduler",
+                why=f"permanent failure: {last}",
+                last_reply=last,
+                notices=notices,
+            ),
         )
         stats["failed"] += 1
         log.warning(
@@ -340,8 +394,12 @@ class Scheduler:
                 raw = self._render(n)
             except Exception as e:
                 log.exception("notice %d (%s, id=%s): cannot render", n.id, n.kind, n.msg_id)
-                await self.store.finish_notice(
-                    n.id, now=now, sent=False, reply=f"render error: {e}"[:500], retry_at=None
+                err = f"render error: {e}"[:500]
+                await self._until_stored(
+                    f"notice {n.id}",
+                    lambda: self.store.finish_notice(
+                        n.id, now=now, sent=False, reply=err, retry_at=None
+                    ),
                 )
                 return
             try:
@@ -353,7 +411,12 @@ class Scheduler:
                 reply = Reply(451, f"4.3.0 transport error: {type(exc).__name__}")
             last = f"{reply.code} {reply.text}"[:500]
             if reply.ok:
-                await self.store.finish_notice(n.id, now=now, sent=True, reply=last, retry_at=None)
+                await self._until_stored(
+                    f"notice {n.id}: sent",
+                    lambda: self.store.finish_notice(
+                        n.id, now=now, sent=True, reply=last, retry_at=None
+                    ),
+                )
                 stats["notices"] += 1
                 if self.metrics is not None:
                     self.metrics.notice_sent(n.kind)
@@ -363,7 +426,12 @@ class Scheduler:
             retry = (
                 now + self._backoff(n.attempts) if reply.temporary and age < self.max_age else None
             )
-            await self.store.finish_notice(n.id, now=now, sent=False, reply=last, retry_at=retry)
+            await self._until_stored(
+                f"notice {n.id}",
+                lambda: self.store.finish_notice(
+                    n.id, now=now, sent=False, reply=last, retry_at=retry
+                ),
+            )
             log.warning(
                 "notice %d (%s, id=%s) %s: %s",
                 n.id,

@@ -8,6 +8,7 @@ unless MAILGUARD_REQUIRE_TOOLS=1.
 
 from __future__ import annotations
 
+import atexit
 import glob
 import os
 import pwd
@@ -83,6 +84,9 @@ class PgCluster:
         return f"postgresql://mailguard@127.0.0.1:{self.port}/{db}"
 
     def start(self) -> PgCluster:
+        # Stopped at interpreter exit too: a test killed by an error (or Ctrl-C) outside the
+        # fixture's finally must not leave a server running. stop() is idempotent.
+        atexit.register(self.stop)
         self._chown()
         env = {**os.environ, "LC_ALL": "C", "TZ": "UTC"}
         subprocess.run(
@@ -178,8 +182,11 @@ class PgCluster:
         raise TimeoutError("PostgreSQL did not come back")
 
     def stop(self) -> None:
+        if not self.dir.exists():
+            return
         self.server_stop("immediate")
         shutil.rmtree(self.dir, ignore_errors=True)
+        atexit.unregister(self.stop)
 
 
 # -- pytest fixtures (import them into a test module: `from pg_support import pg_cluster, …`) --

@@ -690,6 +690,43 @@ def bad_config_reload(tmp_path_factory: pytest.TempPathFactory, promtool: None) 
 
 
 @pytest.fixture(scope="module")
+def store_down(tmp_path_factory: pytest.TempPathFactory, promtool: None) -> Scenario:
+    """A server on a private PostgreSQL store; the database is stopped (pg_ctl stop -m fast)
+    under it and `/healthz` is asked (it probes the store, as the 15 s gauge loop does)."""
+    from pg_support import PgCluster, require_pg
+
+    tmp = tmp_path_factory.mktemp("store-down")
+    cluster = PgCluster(require_pg()).start()
+    sink = ThreadSink()
+    try:
+        url = cluster.new_database()
+        g = Guard(tmp, upstream=sink.port, policy=PASS_POLICY)
+        g.config.write_text(g.config.read_text().replace(f'path = "{g.store}"', f'url = "{url}"'))
+        g.start()
+        try:
+
+            def stop_database() -> None:
+                cluster.server_stop("fast")
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{g.web}/healthz", timeout=15)
+                    raise AssertionError("/healthz answered 200 with the database down")
+                except urllib.error.HTTPError as e:
+                    assert e.code == 503, e.code
+
+            scrapes = _two_scrapes(g, stop_database)
+        finally:
+            g.stop()
+    finally:
+        sink.stop()
+        cluster.stop()
+    first, last = scrapes
+    assert value(first, "mailguard_store_up") == 1, g.log_text()
+    assert value(last, "mailguard_store_up") == 0, g.log_text()
+    steps = 30
+    return Scenario("store-down", input_series(first, last, steps=steps), steps, scrapes)
+
+
+@pytest.fixture(scope="module")
 def killed(tmp_path_factory: pytest.TempPathFactory, promtool: None) -> Scenario:
     """Scrapes of a server that answers, then of the same one after SIGKILL."""
     tmp = tmp_path_factory.mktemp("killed")
@@ -714,6 +751,11 @@ FIRING: dict[str, tuple[str, list[Case]]] = {
     "MailGuardDown": (
         "killed",
         [Case("MailGuardDown", 3), Case("MailGuardDown", 10, {})],
+    ),
+    "MailGuardStoreDown": (
+        "store_down",
+        # `for: 2m`: quiet at first, firing once the store has been down that long
+        [Case("MailGuardStoreDown", 1), Case("MailGuardStoreDown", 10, {})],
     ),
     "MailGuardQueueGrowing": (
         "queue_growing",

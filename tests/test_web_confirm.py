@@ -420,7 +420,8 @@ async def test_admin_api_disabled_without_token(tmp_path: Path) -> None:
 @pytest.mark.asyncio
 async def test_healthz(web: Web) -> None:
     ok = await web.client.get("/healthz")
-    assert ok.status == 200 and (await ok.json()) == {"ok": True, "store": True, "upstream": True}
+    assert (await ok.json()) == {"ok": True, "store": True, "upstream": True, "history": None}
+    assert ok.status == 200
     web.healthy["up"] = False
     down = await web.client.get("/healthz")
     assert down.status == 503 and (await down.json())["upstream"] is False

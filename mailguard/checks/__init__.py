@@ -16,6 +16,7 @@ Finding codes (stable: policy files name them; `count` is what thresholds compar
   domain.nonexistent           NXDOMAIN / no MX-A-AAAA                    count = domains
   domain.null_mx               domain says it takes no mail (MX 0 .)      count = domains
   domain.dns_unavailable       DNS timeout/SERVFAIL: could not check      count = domains
+  domain.history_unavailable   history store down: first-time unchecked   count = domains
   attachment.present           user files attached                        count = files
   attachment.unencrypted       user files sent in clear                   count = files
   attachment.encrypted         user files already encrypted               count = files

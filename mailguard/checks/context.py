@@ -47,6 +47,8 @@ class CheckContext:
     history: Mapping[str, int] | None = None
     # domain (A-label) -> DNS verdict; None = DNS not consulted (offline): no DNS findings
     dns: Mapping[str, DnsStatus] | None = None
+    # history is None because the history store could not be read (not because there is none)
+    history_unavailable: bool = False
 
 
 class HistorySnapshot(Mapping[str, int]):

@@ -13,7 +13,7 @@ Pure: history counts and DNS verdicts arrive in the CheckContext. Classes, most 
                and frequent names only, 4+ letters as whole hyphen tokens, 6+ letters anywhere)
   nonexistent  DNS says the domain cannot receive mail (NXDOMAIN, no MX/A/AAAA, or null MX)
   first_time   history is available and has never seen it
-  unchecked    no history to tell
+  unchecked    no history to tell (with `ctx.history_unavailable`: domain.history_unavailable)
 
 Comparison is on lowercase A-labels; labels are compared in U-label form (so homoglyphs in IDNs
 are visible to the skeleton) and shown as U-labels.
@@ -467,11 +467,11 @@ def analyze(view: MessageView, ctx: CheckContext) -> DomainReport:
             else:
                 cls = "unchecked"
         report.domains[dom] = DomainInfo(dom, uni, cls, look, dns, hist)
-    report.findings = _findings(list(report.domains.values()))
+    report.findings = _findings(list(report.domains.values()), ctx.history_unavailable)
     return report
 
 
-def _findings(infos: list[DomainInfo]) -> list[Finding]:
+def _findings(infos: list[DomainInfo], history_unavailable: bool = False) -> list[Finding]:
     out: list[Finding] = []
     ext = [i for i in infos if i.cls not in ("internal", "trusted")]
     if ext:
@@ -493,6 +493,18 @@ def _findings(infos: list[DomainInfo]) -> list[Finding]:
                 f"これまで送信したことのないドメインです({len(first)}件): {_shown(first)}",
                 len(first),
                 tuple(i.domain for i in first),
+            )
+        )
+    if history_unavailable and ext:
+        out.append(
+            Finding(
+                "domain.history_unavailable",
+                f"Delivery history unavailable, could not check {len(ext)} domain(s) for "
+                f"first-time mail: {_shown(ext)}",
+                f"送信履歴を参照できず、初めての宛先か確認できませんでした({len(ext)}件): "
+                f"{_shown(ext)}",
+                len(ext),
+                tuple(i.domain for i in ext),
             )
         )
     look = [i for i in ext if i.lookalike is not None]

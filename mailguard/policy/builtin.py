@@ -54,6 +54,15 @@ when = "domain.dns_unavailable"
 action = "pass"
 
 [[rule]]
+name = "history-unavailable"
+description = "送信履歴 (共有ストア) を参照できない間: 記録だけして送る (止めるなら confirm に)"
+# The history store is down, so "first time?" cannot be answered. pass: mail keeps flowing and
+# the finding is logged and counted. confirm/hold/approve would need the same store to keep the
+# message, so while it is down that mail is answered 451 and waits in Postfix's queue instead.
+when = "domain.history_unavailable"
+action = "pass"
+
+[[rule]]
 name = "protect-attachments"
 description = "社外宛ての暗号化されていない添付はパスワード付き ZIP に (パスワードは送信者へ)"
 when = "attachment.unencrypted and recipient.external"

@@ -22,6 +22,7 @@ KNOWN_CODES: MappingProxyType[str, str] = MappingProxyType(
         "domain.nonexistent": "domains",
         "domain.null_mx": "domains",
         "domain.dns_unavailable": "domains",
+        "domain.history_unavailable": "domains",
         "attachment.present": "files",
         "attachment.unencrypted": "files",
         "attachment.encrypted": "files",

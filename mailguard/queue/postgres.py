@@ -364,13 +364,34 @@ class PostgresStore:
         except _ERRORS as e:
             raise StoreError(f"{self.path}: {type(e).__name__}: {e}") from e
 
-    async def _tx(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
-        async with self._conn() as c, c.transaction():
-            return await fn(c)
+    async def _tx(self, fn: Callable[[Conn], Awaitable[T]], deadline: float | None = None) -> T:
+        async def run() -> T:
+            async with self._conn() as c, c.transaction():
+                return await fn(c)
 
-    async def _read(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
-        async with self._conn() as c:
-            return await fn(c)
+        return await self._within(run(), deadline)
+
+    async def _read(self, fn: Callable[[Conn], Awaitable[T]], deadline: float | None = None) -> T:
+        async def run() -> T:
+            async with self._conn() as c:
+                return await fn(c)
+
+        return await self._within(run(), deadline)
+
+    async def within(self, aw: Awaitable[T], deadline: float) -> T:
+        """`aw`, or StoreError after `deadline` seconds. A database that hangs (connections
+        open, no answer) costs each call its connect or command timeout, and then up to the
+        acquire timeout again while asyncpg waits for the cancelled query; for the SMTP answer
+        (and /healthz, and the history lookup) the caller's deadline bounds the whole call."""
+        return await self._within(aw, deadline)
+
+    async def _within(self, aw: Awaitable[T], deadline: float | None) -> T:
+        if deadline is None:
+            return await aw
+        try:
+            return await asyncio.wait_for(aw, deadline)
+        except TimeoutError as e:
+            raise StoreError(f"{self.path}: no answer within {deadline:g}s") from e
 
     # -- migrations ----------------------------------------------------------------------------
 
@@ -437,6 +458,8 @@ class PostgresStore:
                 await self.renew_leases()
             except StoreError as e:
                 log.warning("cannot renew delivery leases: %s", e)
+            except Exception:  # anything else a driver raises: the heartbeat must not die
+                log.exception("cannot renew delivery leases")
 
     async def renew_leases(self, now: datetime | None = None) -> int:
         """Extend the leases this process holds (deliveries and notices in flight)."""
@@ -527,7 +550,7 @@ class PostgresStore:
 
     async def ping(self) -> bool:
         try:
-            return bool(await self._read(lambda c: c.fetchval("SELECT 1")) == 1)
+            return bool(await self._read(lambda c: c.fetchval("SELECT 1"), self._timeout) == 1)
         except StoreError:
             return False
 
@@ -550,7 +573,7 @@ class PostgresStore:
             for p in batch:
                 await self._put(c, p.item, p.raw, p.tokens, p.notices, p.by, p.why)
 
-        await self._tx(work)
+        await self._tx(work, self._command_timeout)  # the SMTP answer waits for it
 
     async def _put(
         self,

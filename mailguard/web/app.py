@@ -575,17 +575,24 @@ class _Web:
             return web.json_response({"error": str(e)}, status=status)
         return web.json_response(held.to_json())
 
+    # the delivery history's state (None: not checked); set by make_app(history_check=…)
+    history_check: Callable[[], bool | None] | None = None
+
     async def healthz(self, request: web.Request) -> web.StreamResponse:
         store_ok = await self.store.ping()
+        if self.metrics is not None:
+            self.metrics.store_up.set(1 if store_ok else 0)
         up: bool | None = None
         if self.upstream_check is not None:
             try:
                 up = bool(await self.upstream_check())
             except Exception:
                 up = False
-        ok = store_ok and up is not False
+        history = self.history_check() if self.history_check is not None else None
+        ok = store_ok and up is not False and history is not False
         return web.json_response(
-            {"ok": ok, "store": store_ok, "upstream": up}, status=200 if ok else 503
+            {"ok": ok, "store": store_ok, "upstream": up, "history": history},
+            status=200 if ok else 503,
         )
 
 
@@ -679,6 +686,7 @@ def make_app(
     trusted_proxies: Sequence[str] = (),
     client_ip_header: str = "X-Forwarded-For",
     login_limit: tuple[int, int, float] = (10, 100, 600.0),
+    history_check: Callable[[], bool | None] | None = None,
 ) -> web.Application:
     """The aiohttp application. `secret` "" = random per start (pages outlive no restart);
     `on_change` is called after a release (pass Scheduler.wake); `min_dwell` > 0 refuses a POST
@@ -690,7 +698,8 @@ def make_app(
     admin-API logins. `trusted_proxies` (CIDRs) are the peers whose `client_ip_header` names
     the client. `metrics_access`: "open" (GET /metrics for anyone who reaches the port),
     "token" (only with the admin Bearer token) or "off" (not on this app; see
-    `make_metrics_app`)."""
+    `make_metrics_app`). `history_check` tells /healthz whether the delivery history answers
+    (its `history` field; None = not checked)."""
     if metrics_access not in METRICS_ACCESS:
         raise ValueError(f"metrics_access {metrics_access!r} (expected open, token or off)")
     from zoneinfo import ZoneInfo
@@ -717,6 +726,7 @@ def make_app(
         ClientAddress(trusted_proxies, client_ip_header),
         Budget("login", login_limit[0], login_limit[2], global_limit=login_limit[1]),
     )
+    w.history_check = history_check  # /healthz: the delivery history reachable?
     app = web.Application(middlewares=[security_headers], client_max_size=64 * 1024)
     app[WEB_KEY] = w
     app.router.add_get(f"/m/{{token:{TOKEN_RE}}}", w.page)
