@@ -36,6 +36,7 @@ from mailguard.queue.backends import Store, make_store
 from mailguard.queue.postgres import PostgresStore
 from mailguard.relay.smtp import SmtpTransport
 from mailguard.server import Server
+from mailguard.smtp import Networks
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -209,7 +210,12 @@ class Service:
         if cfg.milter.listen is not None:
             from mailguard.milter import MilterFront
 
-            self.milter = MilterFront(self.pipeline.handle, *cfg.milter.listen, reuse_port=True)
+            self.milter = MilterFront(
+                self.pipeline.handle,
+                *cfg.milter.listen,
+                Networks(cfg.smtp.allowed_networks),
+                reuse_port=True,
+            )
             await self.milter.listen()
 
     async def _start_worker0(self) -> None:
@@ -339,6 +345,8 @@ class Service:
         self.cfg, self.policy = cfg, policy
         assert self.front and self.pipeline and self.upstream
         self.front.reload(cfg)
+        if self.milter is not None:
+            self.milter.networks.update(cfg.smtp.allowed_networks)
         self.pipeline.policy = policy
         self.pipeline.settings = settings_for(cfg)
         if self.queue is not None:

@@ -57,6 +57,7 @@ from kilter.protocol.core import MTAMessage
 from mailguard.envelope import Envelope, Reply
 from mailguard.pipeline import Content, Relay
 from mailguard.server import Handle
+from mailguard.smtp import Networks
 
 log = logging.getLogger("mailguard.milter")
 
@@ -258,14 +259,30 @@ class _Session:
 class MilterFront:
     """The milter listening socket; `stop()` lets messages in hand finish (bounded)."""
 
-    def __init__(self, handle: Handle, host: str, port: int, *, reuse_port: bool = False):
+    def __init__(
+        self,
+        handle: Handle,
+        host: str,
+        port: int,
+        networks: Networks,
+        *,
+        reuse_port: bool = False,
+    ):
         self.handle = handle
+        # the SMTP front's smtp.allowed_networks: a milter peer can make MailGuard relay (a
+        # rewrite, a release), so an unlisted one is closed before a byte is read
+        self.networks = networks
         self.host, self._port = host, port
         self.reuse_port = reuse_port
         self._server: asyncio.Server | None = None
         self._sessions: dict[asyncio.Task[None], _Session] = {}
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        if not self.networks.allows(peer):
+            log.warning("milter: refused %s (not in smtp.allowed_networks)", peer)
+            writer.close()
+            return
         task = asyncio.current_task()
         assert task is not None
         session = self._sessions[task] = _Session(self.handle, reader, writer)

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,7 +38,7 @@ from tests.postfix_onepass_support import (
     send,
     wait_arrival,
 )
-from tests.postfix_support import SNIPPETS, PostfixInstance, _sub_once, postfix_missing
+from tests.postfix_support import SNIPPETS, PostfixInstance, _sub_once, postfix_workdir
 from tests.test_postfix_integration import MailGuard, make_message, split
 
 pytestmark = pytest.mark.postfix
@@ -81,13 +78,12 @@ class MilterGuard(MailGuard):
 
 
 @pytest.fixture(scope="module")
-def rig() -> Iterator[Rig]:
-    why = postfix_missing()
-    if why:
-        if os.environ.get("MAILGUARD_REQUIRE_POSTFIX"):
-            pytest.fail(f"MAILGUARD_REQUIRE_POSTFIX is set but {why}")
-        pytest.skip(why)
-    workdir = Path(tempfile.mkdtemp(prefix="mg-postfix-milter."))
+def workdir() -> Iterator[Path]:
+    yield from postfix_workdir("mg-postfix-milter.")
+
+
+@pytest.fixture(scope="module")
+def rig(workdir: Path) -> Iterator[Rig]:
     sink = ThreadSink()
     pf = PostfixInstance(
         submission=free_port(),
@@ -109,7 +105,6 @@ def rig() -> Iterator[Rig]:
             mg.stop()
         pf.stop()
         sink.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_pass_postfix_queues_it_once_with_the_bytes_the_sender_sent(rig: Rig) -> None:
