@@ -16,6 +16,9 @@ from mailguard.config import parse_hostport
 from mailguard.envelope import Envelope, Reply
 from mailguard.milter import MilterFront, MilterRelay
 from mailguard.pipeline import Content
+from mailguard.smtp import Networks
+
+LOOPBACK = ("127.0.0.0/8", "::1/128")  # the bench's Postfix only
 
 
 class _Nowhere:
@@ -29,7 +32,7 @@ async def main(listen: str) -> None:
     async def handle(env: Envelope, content: Content, wire: bytes | None) -> Reply:
         return await relay.send(env, content)  # the original bytes: Postfix continues
 
-    front = MilterFront(handle, *parse_hostport(listen))
+    front = MilterFront(handle, *parse_hostport(listen), Networks(LOOPBACK))
     await front.listen()
     await asyncio.Event().wait()
 
