@@ -138,9 +138,16 @@ class Rig:
 
 @contextlib.contextmanager
 def one_pass_rig(
-    workdir: Path, policy: str, snippets: Path, adapt: Adapt, *, submission: int
+    workdir: Path,
+    policy: str,
+    snippets: Path,
+    adapt: Adapt,
+    *,
+    submission: int,
+    guard: Callable[[Path, int, int], MailGuard] = MailGuard,
 ) -> Iterator[Rig]:
-    """Build and start the private Postfix from `snippets`, MailGuard on its filter port."""
+    """Build and start the private Postfix from `snippets`, MailGuard (`guard(workdir, filter
+    port, reinjection port)`) on its filter port."""
     sink = ThreadSink()
     pf = PostfixInstance(
         submission=submission,
@@ -150,7 +157,7 @@ def one_pass_rig(
         snippets=snippets,
         adapt=adapt,
     )
-    mg = MailGuard(workdir, pf.filter_port, pf.reinject)
+    mg = guard(workdir, pf.filter_port, pf.reinject)
     mg.policy.write_text(policy, encoding="utf-8")
     try:
         pf.build()
@@ -158,7 +165,8 @@ def one_pass_rig(
         mg.start()
         yield Rig(pf, mg, sink)
     finally:
-        mg.stop()
+        with contextlib.suppress(Exception):  # a test may have stopped it already
+            mg.stop()
         pf.stop()
         sink.stop()
 

@@ -11,7 +11,6 @@ otherwise, unless MAILGUARD_REQUIRE_POSTFIX is set (CI). The tests run in file o
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import time
@@ -19,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ThreadSink, free_port, wait_port
+from conftest import free_port, wait_port
 
 from tests.postfix_onepass_support import (
     CLEAN_SENDER,
@@ -33,12 +32,13 @@ from tests.postfix_onepass_support import (
     REWRITE_SENDER,
     Rig,
     arrived,
+    one_pass_rig,
     parsed,
     rewrite_message,
     send,
     wait_arrival,
 )
-from tests.postfix_support import SNIPPETS, PostfixInstance, _sub_once, postfix_workdir
+from tests.postfix_support import SNIPPETS, _sub_once, postfix_workdir
 from tests.test_postfix_integration import MailGuard, make_message, split
 
 pytestmark = pytest.mark.postfix
@@ -84,27 +84,10 @@ def workdir() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def rig(workdir: Path) -> Iterator[Rig]:
-    sink = ThreadSink()
-    pf = PostfixInstance(
-        submission=free_port(),
-        filter_port=free_port(),
-        reinject=free_port(),
-        sink=sink.port,
-        snippets=MILTER,
-        adapt=adapt_milter,
-    )
-    mg = MilterGuard(workdir, pf.filter_port, pf.reinject)
-    mg.policy.write_text(POLICY, encoding="utf-8")
-    try:
-        pf.build()
-        pf.start()
-        mg.start()
-        yield Rig(pf, mg, sink)
-    finally:
-        with contextlib.suppress(Exception):
-            mg.stop()
-        pf.stop()
-        sink.stop()
+    with one_pass_rig(
+        workdir, POLICY, MILTER, adapt_milter, submission=free_port(), guard=MilterGuard
+    ) as r:
+        yield r
 
 
 def test_pass_postfix_queues_it_once_with_the_bytes_the_sender_sent(rig: Rig) -> None:
